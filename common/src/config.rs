@@ -1,0 +1,561 @@
+//! The one configuration file, `mailsrv.toml`.
+//!
+//! Loading validates everything: unknown keys, wrong types and bad values are
+//! reported with the file, the line and the dotted key, for example
+//! `/etc/mailsrv/mailsrv.toml:12: smtpd.listen: invalid socket address syntax`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer};
+
+/// Default location of the configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/mailsrv/mailsrv.toml";
+
+/// Environment variable that overrides [`DEFAULT_CONFIG_PATH`].
+pub const CONFIG_ENV: &str = "MAILSRV_CONFIG";
+
+/// A configuration problem, located in its file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Fully qualified name of this host, used in banners and `Received:`.
+    pub hostname: String,
+    /// Filesystem locations.
+    pub paths: Paths,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The SMTP receiver.
+    pub smtpd: SmtpdConfig,
+    /// The queue manager.
+    #[serde(default)]
+    pub qmgr: QmgrConfig,
+    /// Address handling shared by smtpd and qmgr.
+    #[serde(default)]
+    pub addresses: AddressConfig,
+    /// TLS certificate and key.
+    pub tls: TlsConfig,
+}
+
+/// Where state lives. Relative paths are taken relative to the directory of
+/// the configuration file, so an installation made by `mailctl init` can move.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Paths {
+    /// Queue directory (incoming, active, deferred, hold, corrupt, maildrop).
+    pub spool: PathBuf,
+    /// Root of the mail store: the Maildir of `u@d` is `<mail_root>/d/u/`.
+    pub mail_root: PathBuf,
+    /// User database in Dovecot passwd-file shape.
+    pub users: PathBuf,
+    /// Aliases file.
+    pub aliases: PathBuf,
+    /// Served (local) domains, one per line.
+    pub domains: PathBuf,
+    /// Pid files and the supervisor's lock.
+    pub run_dir: PathBuf,
+    /// Where the supervisor writes daemon logs when not in the foreground.
+    pub log_file: PathBuf,
+    /// Directory holding the daemon binaries; by default the directory of
+    /// the running program.
+    #[serde(default)]
+    pub libexec_dir: Option<PathBuf>,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// One of error, warn, info, debug, trace.
+    #[serde(default = "default_log_level", deserialize_with = "de_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+fn de_log_level<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let level = String::deserialize(d)?;
+    match level.as_str() {
+        "error" | "warn" | "info" | "debug" | "trace" => Ok(level),
+        _ => Err(D::Error::custom(
+            "expected one of error, warn, info, debug, trace",
+        )),
+    }
+}
+
+/// The SMTP receiver's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpdConfig {
+    /// Addresses of the MX (port 25) listeners.
+    pub listen: Vec<SocketAddr>,
+    /// Largest message accepted, in bytes (RFC 1870 SIZE).
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: u64,
+    /// Most recipients in one transaction (RFC 5321 4.5.3.1.8 asks for 100).
+    #[serde(default = "default_max_recipients")]
+    pub max_recipients: usize,
+    /// Longest command line, CRLF included (RFC 5321 4.5.3.1.4 asks for 512).
+    #[serde(default = "default_max_line_length")]
+    pub max_line_length: usize,
+    /// Seconds to wait for a command (RFC 5321 4.5.3.2.7 asks for 5 minutes).
+    #[serde(default = "default_command_timeout")]
+    pub command_timeout: u64,
+    /// Seconds to wait for each block of message data (RFC 5321 4.5.3.2.6).
+    #[serde(default = "default_data_timeout")]
+    pub data_timeout: u64,
+    /// Longest a whole session may last, in seconds.
+    #[serde(default = "default_session_timeout")]
+    pub session_timeout: u64,
+    /// Most simultaneous sessions.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Most simultaneous sessions from one client address.
+    #[serde(default = "default_max_connections_per_client")]
+    pub max_connections_per_client: usize,
+    /// Error replies a client may provoke before it is disconnected with 421.
+    #[serde(default = "default_max_errors")]
+    pub max_errors: u32,
+    /// Networks whose clients may relay to domains we do not serve.
+    #[serde(default)]
+    pub relay_networks: Vec<IpNet>,
+    /// Seconds given to open sessions to finish when stopping.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: u64,
+}
+
+fn default_max_message_size() -> u64 {
+    25 * 1024 * 1024
+}
+fn default_max_recipients() -> usize {
+    100
+}
+fn default_max_line_length() -> usize {
+    2048
+}
+fn default_command_timeout() -> u64 {
+    300
+}
+fn default_data_timeout() -> u64 {
+    180
+}
+fn default_session_timeout() -> u64 {
+    1800
+}
+fn default_max_connections() -> usize {
+    500
+}
+fn default_max_connections_per_client() -> usize {
+    20
+}
+fn default_max_errors() -> u32 {
+    10
+}
+fn default_shutdown_grace() -> u64 {
+    10
+}
+
+/// The queue manager's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QmgrConfig {
+    /// Messages delivered at the same time.
+    #[serde(default = "default_delivery_concurrency")]
+    pub delivery_concurrency: usize,
+    /// First retry delay for a deferred message, in seconds.
+    #[serde(default = "default_min_backoff")]
+    pub min_backoff: u64,
+    /// Longest retry delay, in seconds.
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff: u64,
+}
+
+impl Default for QmgrConfig {
+    fn default() -> Self {
+        Self {
+            delivery_concurrency: default_delivery_concurrency(),
+            min_backoff: default_min_backoff(),
+            max_backoff: default_max_backoff(),
+        }
+    }
+}
+
+fn default_delivery_concurrency() -> usize {
+    8
+}
+fn default_min_backoff() -> u64 {
+    300
+}
+fn default_max_backoff() -> u64 {
+    4000
+}
+
+/// Address handling.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddressConfig {
+    /// Separates a user from a tag: `user+tag@d` reaches `user@d`. Empty
+    /// turns plus-addressing off.
+    #[serde(default = "default_recipient_delimiter")]
+    pub recipient_delimiter: String,
+}
+
+impl Default for AddressConfig {
+    fn default() -> Self {
+        Self {
+            recipient_delimiter: default_recipient_delimiter(),
+        }
+    }
+}
+
+fn default_recipient_delimiter() -> String {
+    "+".into()
+}
+
+/// TLS material.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// An IP network in CIDR notation (`192.0.2.0/24`, `::1/128`, or a bare
+/// address meaning a single host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    /// Whether `ip` lies inside this network. IPv4-mapped IPv6 addresses
+    /// match their IPv4 network.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for IpNet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP network (like 192.0.2.0/24)"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("`{s}`: prefix length must be 0 to {max}"))?,
+        };
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl<'de> Deserialize<'de> for IpNet {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(D::Error::custom)
+    }
+}
+
+impl Config {
+    /// The configuration file to use: `explicit`, else `$MAILSRV_CONFIG`,
+    /// else [`DEFAULT_CONFIG_PATH`].
+    pub fn locate(explicit: Option<&Path>) -> PathBuf {
+        if let Some(p) = explicit {
+            return p.to_path_buf();
+        }
+        match std::env::var_os(CONFIG_ENV) {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => PathBuf::from(DEFAULT_CONFIG_PATH),
+        }
+    }
+
+    /// Read, parse and validate the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Self::parse(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.paths.make_absolute(base);
+        absolutize(base, &mut config.tls.cert);
+        absolutize(base, &mut config.tls.key);
+        Ok(config)
+    }
+
+    /// Parse and validate `text`; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |span: Option<std::ops::Range<usize>>, key: String, message: String| {
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line: span.map(|s| line_of(text, s.start)).unwrap_or(1),
+                key,
+                message,
+            }
+        };
+        let de = toml::Deserializer::new(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            invalid(inner.span(), key, inner.message().to_string())
+        })?;
+        config.validate().map_err(|(key, message)| {
+            let span = key_span(text, &key);
+            invalid(span, key, message)
+        })?;
+        Ok(config)
+    }
+
+    /// Checks that need more than one value at a time.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let fail = |k: &str, m: &str| Err((k.to_string(), m.to_string()));
+        if self.hostname.is_empty() || self.hostname.contains(char::is_whitespace) {
+            return fail("hostname", "must be a host name without spaces");
+        }
+        if self.smtpd.listen.is_empty() {
+            return fail("smtpd.listen", "needs at least one address");
+        }
+        if self.smtpd.max_line_length < 512 {
+            return fail(
+                "smtpd.max_line_length",
+                "must be at least 512 (RFC 5321 4.5.3.1.4)",
+            );
+        }
+        if self.smtpd.max_recipients == 0 {
+            return fail("smtpd.max_recipients", "must be at least 1");
+        }
+        if self.smtpd.max_connections == 0 || self.smtpd.max_connections_per_client == 0 {
+            return fail("smtpd.max_connections", "must be at least 1");
+        }
+        if self.qmgr.delivery_concurrency == 0 {
+            return fail("qmgr.delivery_concurrency", "must be at least 1");
+        }
+        if self.qmgr.min_backoff == 0 || self.qmgr.min_backoff > self.qmgr.max_backoff {
+            return fail(
+                "qmgr.min_backoff",
+                "must be at least 1 and at most qmgr.max_backoff",
+            );
+        }
+        let d = &self.addresses.recipient_delimiter;
+        if d.chars().count() > 1 || d.contains(['@', '.', '"', ' ']) {
+            return fail(
+                "addresses.recipient_delimiter",
+                "must be empty or one character other than @ . \" and space",
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Paths {
+    fn make_absolute(&mut self, base: &Path) {
+        for p in [
+            &mut self.spool,
+            &mut self.mail_root,
+            &mut self.users,
+            &mut self.aliases,
+            &mut self.domains,
+            &mut self.run_dir,
+            &mut self.log_file,
+        ] {
+            absolutize(base, p);
+        }
+        if let Some(p) = &mut self.libexec_dir {
+            absolutize(base, p);
+        }
+    }
+}
+
+fn absolutize(base: &Path, p: &mut PathBuf) {
+    if p.is_relative() {
+        *p = base.join(&*p);
+    }
+}
+
+/// 1-based line number of byte offset `pos` in `text`.
+fn line_of(text: &str, pos: usize) -> usize {
+    text.as_bytes()[..pos.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Where the value of dotted `key` is written in `text`, if it is.
+fn key_span(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
+    // Semantic checks run on the typed config, which has no spans left, so
+    // find the key textually inside its table.
+    let (table, leaf) = match key.rsplit_once('.') {
+        Some((t, l)) => (Some(t), l),
+        None => (None, key),
+    };
+    let mut in_table = table.is_none();
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim();
+        if let Some(header) = trimmed.strip_prefix('[') {
+            let name = header.trim_end_matches(']').trim();
+            in_table = table == Some(name);
+        } else if in_table {
+            if let Some((k, _)) = trimmed.split_once('=') {
+                if k.trim() == leaf {
+                    return Some(offset..offset + line.len());
+                }
+            }
+        }
+        offset += line.len();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+hostname = "mx.example.org"
+
+[paths]
+spool = "spool"
+mail_root = "mail"
+users = "users"
+aliases = "aliases"
+domains = "domains"
+run_dir = "run"
+log_file = "log/mailsrv.log"
+
+[smtpd]
+listen = ["127.0.0.1:2525"]
+relay_networks = ["10.0.0.0/8", "::1"]
+
+[tls]
+cert = "tls/cert.pem"
+key = "tls/key.pem"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/m.toml"))
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.smtpd.max_recipients, 100);
+        assert_eq!(c.addresses.recipient_delimiter, "+");
+        assert!(c.smtpd.relay_networks[0].contains("10.1.2.3".parse().unwrap()));
+        assert!(!c.smtpd.relay_networks[0].contains("11.1.2.3".parse().unwrap()));
+        assert!(c.smtpd.relay_networks[1].contains("::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn type_error_names_line_and_key() {
+        let text = GOOD.replace(
+            "relay_networks = [\"10.0.0.0/8\", \"::1\"]",
+            "max_recipients = \"many\"",
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.starts_with("/etc/m.toml:15: smtpd.max_recipients:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_value_names_line_and_key() {
+        let text = GOOD.replace("10.0.0.0/8", "10.0.0.0/33");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.starts_with("/etc/m.toml:15: smtpd.relay_networks[0]"),
+            "{e}"
+        );
+        assert!(e.contains("prefix length"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let text = GOOD.replace("[tls]", "[tls]\ncertificate = \"x\"");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.starts_with("/etc/m.toml:18: tls.certificate"), "{e}");
+        assert!(e.contains("unknown field `certificate`"), "{e}");
+    }
+
+    #[test]
+    fn cross_field_rule_names_line() {
+        let text = GOOD.replace("[smtpd]\n", "[smtpd]\nmax_line_length = 100\n");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.starts_with("/etc/m.toml:14: smtpd.max_line_length:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ipnet_edge_cases() {
+        let any: IpNet = "0.0.0.0/0".parse().unwrap();
+        assert!(any.contains("203.0.113.9".parse().unwrap()));
+        let mapped: IpNet = "127.0.0.0/8".parse().unwrap();
+        assert!(mapped.contains("::ffff:127.0.0.1".parse().unwrap()));
+        assert!("nonsense".parse::<IpNet>().is_err());
+    }
+}

@@ -1,0 +1,17 @@
+//! What every mailsrv program shares: configuration, addresses, the user,
+//! alias and domain tables, password hashes, Maildir delivery, the spool,
+//! queue ids and logging.
+
+pub mod address;
+pub mod aliases;
+pub mod config;
+pub mod domains;
+pub mod logging;
+pub mod maildir;
+pub mod password;
+pub mod queue_id;
+pub mod recipients;
+pub mod safeio;
+pub mod spool;
+pub mod textdb;
+pub mod userdb;

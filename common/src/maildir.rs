@@ -1,0 +1,240 @@
+//! Maildir++ mailboxes: creation and durable delivery.
+//!
+//! Files are stored with LF line ends, as Postfix's virtual(8) and Dovecot's
+//! LDA write them. The name carries `,S=<size on disk>` and `,W=<size with
+//! CRLF>` (Dovecot's convention), so IMAP can answer RFC822.SIZE without
+//! reading the file.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::safeio;
+
+/// The special-use folders every new mailbox gets (RFC 6154 roles).
+pub const SPECIAL_FOLDERS: [&str; 5] = ["Sent", "Drafts", "Junk", "Trash", "Archive"];
+
+/// Temporary names written by local delivery end with this, so the queue
+/// manager can recognise its own leftovers after a crash.
+pub const DELIVERY_TMP_SUFFIX: &str = ".delivering";
+
+/// Maildir's own rule: a file left in tmp/ for 36 hours is abandoned.
+const TMP_MAX_AGE: Duration = Duration::from_secs(36 * 3600);
+
+static DELIVERY_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Create a Maildir (cur, new, tmp) at `path` if missing.
+pub fn create_maildir(path: &Path) -> io::Result<()> {
+    for sub in ["cur", "new", "tmp"] {
+        std::fs::create_dir_all(path.join(sub))?;
+    }
+    Ok(())
+}
+
+/// Create a user's mailbox: INBOX at `root` and the special-use folders as
+/// Maildir++ subfolders (`.Sent`, ...), each marked with `maildirfolder`.
+pub fn create_mailbox(root: &Path) -> io::Result<()> {
+    create_maildir(root)?;
+    for name in SPECIAL_FOLDERS {
+        let folder = root.join(format!(".{name}"));
+        create_maildir(&folder)?;
+        let marker = folder.join("maildirfolder");
+        if !marker.exists() {
+            File::create(marker)?;
+        }
+    }
+    Ok(())
+}
+
+/// The result of a delivery.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    /// Path of the new file in `new/`.
+    pub path: PathBuf,
+    /// Bytes on disk.
+    pub size: u64,
+}
+
+/// Deliver a message into the Maildir at `maildir`: `headers` (already LF
+/// terminated) followed by `message`, whose CRLF line ends are written as
+/// LF. The file is written in `tmp/`, fsynced, renamed into `new/`, and
+/// `new/` is fsynced, so on return the message survives a crash.
+pub fn deliver(
+    maildir: &Path,
+    hostname: &str,
+    headers: &[u8],
+    message: impl Read,
+) -> io::Result<Delivered> {
+    let base = unique_name(hostname);
+    let tmp = maildir
+        .join("tmp")
+        .join(format!("{base}{DELIVERY_TMP_SUFFIX}"));
+    let open = || OpenOptions::new().write(true).create_new(true).open(&tmp);
+    let file = match open() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // First delivery to this user: make the mailbox.
+            create_mailbox(maildir)?;
+            open()?
+        }
+        other => other?,
+    };
+    let result = write_converted(file, headers, message);
+    let (size, lines) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    let final_path = maildir
+        .join("new")
+        .join(format!("{base},S={size},W={}", size + lines));
+    if let Err(e) = std::fs::rename(&tmp, &final_path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    safeio::sync_parent(&final_path)?;
+    Ok(Delivered {
+        path: final_path,
+        size,
+    })
+}
+
+/// Write headers + CRLF-to-LF converted message, fsync; returns bytes
+/// written and the number of LFs (for the CRLF size).
+fn write_converted(file: File, headers: &[u8], mut message: impl Read) -> io::Result<(u64, u64)> {
+    let mut out = BufWriter::with_capacity(64 * 1024, file);
+    out.write_all(headers)?;
+    let mut size = headers.len() as u64;
+    let mut lines = headers.iter().filter(|&&b| b == b'\n').count() as u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut pending_cr = false;
+    let mut converted = Vec::with_capacity(buf.len() + 1);
+    loop {
+        let n = message.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        converted.clear();
+        for &b in &buf[..n] {
+            if pending_cr {
+                pending_cr = false;
+                if b != b'\n' {
+                    converted.push(b'\r');
+                }
+            }
+            if b == b'\r' {
+                pending_cr = true;
+                continue;
+            }
+            if b == b'\n' {
+                lines += 1;
+            }
+            converted.push(b);
+        }
+        out.write_all(&converted)?;
+        size += converted.len() as u64;
+    }
+    if pending_cr {
+        out.write_all(b"\r")?;
+        size += 1;
+    }
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok((size, lines))
+}
+
+/// A Maildir unique name: `<secs>.M<usecs>P<pid>Q<n>.<host>` (the
+/// modern form from the Maildir specification), with `/` and `:` in the
+/// host name escaped as Dovecot does.
+fn unique_name(hostname: &str) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let n = DELIVERY_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let host = hostname.replace('/', "\\057").replace(':', "\\072");
+    format!(
+        "{}.M{}P{}Q{}.{}",
+        now.as_secs(),
+        now.subsec_micros(),
+        std::process::id(),
+        n,
+        host
+    )
+}
+
+/// Remove files from the `tmp/` directory of `maildir`: every unfinished
+/// delivery of ours (`own_leftovers`: only when no delivery can be running),
+/// and anything older than 36 hours. Returns how many were removed.
+pub fn clean_tmp(maildir: &Path, own_leftovers: bool) -> io::Result<usize> {
+    let tmp = maildir.join("tmp");
+    let entries = match std::fs::read_dir(&tmp) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let now = SystemTime::now();
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = own_leftovers && name.ends_with(DELIVERY_TMP_SUFFIX);
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| now.duration_since(t).ok())
+            .is_some_and(|age| age > TMP_MAX_AGE);
+        if (ours || stale) && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_converts_line_ends_and_names_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let md = dir.path().join("a.test").join("alice");
+        let msg: &[u8] = b"Subject: hi\r\n\r\nline\r\nbare\rcr\r\n";
+        let d = deliver(&md, "mx.test", b"Return-Path: <s@x>\n", msg).unwrap();
+        let content = std::fs::read(&d.path).unwrap();
+        assert_eq!(
+            content,
+            b"Return-Path: <s@x>\nSubject: hi\n\nline\nbare\rcr\n".to_vec()
+        );
+        let name = d.path.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.ends_with(&format!(",S={},W={}", content.len(), content.len() + 5)),
+            "{name}"
+        );
+        assert!(md.join(".Junk/maildirfolder").exists());
+        assert_eq!(std::fs::read_dir(md.join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn cr_at_chunk_boundary() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut body = vec![b'x'; 64 * 1024 - 1];
+        body.extend_from_slice(b"\r\nend\r");
+        let d = deliver(dir.path(), "h", b"", body.as_slice()).unwrap();
+        let content = std::fs::read(&d.path).unwrap();
+        assert_eq!(&content[content.len() - 6..], b"x\nend\r");
+    }
+
+    #[test]
+    fn clean_tmp_removes_own_leftovers_only() {
+        let dir = tempfile::tempdir().unwrap();
+        create_maildir(dir.path()).unwrap();
+        std::fs::write(dir.path().join("tmp/1.x.delivering"), b"").unwrap();
+        std::fs::write(dir.path().join("tmp/2.imap-append"), b"").unwrap();
+        assert_eq!(clean_tmp(dir.path(), false).unwrap(), 0);
+        assert_eq!(clean_tmp(dir.path(), true).unwrap(), 1);
+        assert!(dir.path().join("tmp/2.imap-append").exists());
+    }
+}

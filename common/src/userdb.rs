@@ -1,0 +1,208 @@
+//! The user database: a text file in Dovecot's passwd-file shape,
+//! `user@domain:{SCHEME}hash:uid:gid:gecos:home:shell:extra`, one account a
+//! line. Only the first two fields are used; the rest are kept as they are
+//! so a Dovecot file can be taken over unchanged.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::address::Address;
+use crate::password;
+use crate::textdb::{self, TableError};
+
+/// Permission bits of the database: it holds password hashes.
+const USERDB_MODE: u32 = 0o600;
+
+/// Looking up and authenticating mail users. The passwd-file is the first
+/// implementation; a SQL or LDAP directory would be another.
+pub trait UserDirectory: Send + Sync {
+    /// Whether `address` (already stripped of any plus-tag) is a mailbox.
+    fn exists(&self, address: &Address) -> bool;
+    /// Whether `password` is right for `user`.
+    fn authenticate(&self, user: &str, password: &str) -> bool;
+}
+
+/// One account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserEntry {
+    /// The login name, `user@domain`, case-folded.
+    pub name: String,
+    /// `{SCHEME}hash`.
+    pub hash: String,
+}
+
+/// The passwd-file, loaded.
+#[derive(Debug, Clone, Default)]
+pub struct UserDb {
+    users: HashMap<String, UserEntry>,
+}
+
+impl UserDb {
+    /// Load and check the whole file; a missing file is an empty database.
+    pub fn load(path: &Path) -> Result<UserDb, TableError> {
+        let text = textdb::read_table(path)?;
+        Self::parse(&text, path)
+    }
+
+    fn parse(text: &str, path: &Path) -> Result<UserDb, TableError> {
+        let mut users = HashMap::new();
+        for (line, entry) in textdb::entries(text) {
+            let parsed = parse_line(entry).map_err(|m| TableError::syntax(path, line, m))?;
+            if users.insert(parsed.name.clone(), parsed).is_some() {
+                return Err(TableError::syntax(path, line, "user is listed twice"));
+            }
+        }
+        Ok(UserDb { users })
+    }
+
+    /// The account named `name` (any case).
+    pub fn get(&self, name: &str) -> Option<&UserEntry> {
+        self.users.get(&name.to_lowercase())
+    }
+
+    /// All accounts, sorted by name.
+    pub fn list(&self) -> Vec<&UserEntry> {
+        let mut v: Vec<_> = self.users.values().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Add `address` with a new hash of `password` to the file at `path`.
+    pub fn add(path: &Path, address: &Address, password: &str) -> Result<(), TableError> {
+        let name = address.key();
+        let line = format!("{name}:{}::::::", password::hash_password(password));
+        textdb::update(path, USERDB_MODE, |text| {
+            let db = Self::parse(text, path)?;
+            if db.get(&name).is_some() {
+                return Err(TableError::Refused(format!("user {name} already exists")));
+            }
+            Ok((textdb::append_line(text, &line), ()))
+        })
+    }
+
+    /// Remove `name` from the file at `path`.
+    pub fn remove(path: &Path, name: &str) -> Result<(), TableError> {
+        let name = name.to_lowercase();
+        textdb::update(path, USERDB_MODE, |text| {
+            let out = textdb::remove_lines(text, &format!("user {name}"), |l| {
+                login_of(l).is_some_and(|n| n.to_lowercase() == name)
+            })?;
+            Ok((out, ()))
+        })
+    }
+
+    /// Replace the hash of `name` in the file at `path`.
+    pub fn set_password(path: &Path, name: &str, password: &str) -> Result<(), TableError> {
+        let name = name.to_lowercase();
+        let hash = password::hash_password(password);
+        textdb::update(path, USERDB_MODE, |text| {
+            let mut found = false;
+            let mut out = String::with_capacity(text.len() + 128);
+            for line in text.lines() {
+                let t = line.trim();
+                let matches =
+                    !t.starts_with('#') && login_of(t).is_some_and(|n| n.to_lowercase() == name);
+                if matches {
+                    found = true;
+                    let mut fields: Vec<&str> = t.splitn(3, ':').collect();
+                    fields.resize(3, "");
+                    out.push_str(&format!("{}:{hash}:{}", fields[0], fields[2]));
+                } else {
+                    out.push_str(line);
+                }
+                out.push('\n');
+            }
+            if !found {
+                return Err(TableError::Refused(format!("user {name} does not exist")));
+            }
+            Ok((out, ()))
+        })
+    }
+}
+
+impl UserDirectory for UserDb {
+    fn exists(&self, address: &Address) -> bool {
+        self.users.contains_key(&address.key())
+    }
+
+    fn authenticate(&self, user: &str, password: &str) -> bool {
+        self.get(user)
+            .is_some_and(|u| password::verify_password(&u.hash, password).unwrap_or(false))
+    }
+}
+
+fn login_of(line: &str) -> Option<&str> {
+    line.split(':').next()
+}
+
+fn parse_line(line: &str) -> Result<UserEntry, String> {
+    let mut fields = line.split(':');
+    let name = fields.next().unwrap_or_default();
+    let hash = fields
+        .next()
+        .ok_or_else(|| "expected user@domain:{SCHEME}hash".to_string())?;
+    let address = Address::parse(name).map_err(|e| format!("user `{name}`: {e}"))?;
+    password::check_hash_format(hash).map_err(|e| format!("user `{name}`: {e}"))?;
+    Ok(UserEntry {
+        name: address.key(),
+        hash: hash.to_string(),
+    })
+}
+
+/// Where a user's data lives, derived from the config; kept here so every
+/// program agrees.
+pub fn maildir_path(mail_root: &Path, address: &Address) -> PathBuf {
+    mail_root
+        .join(address.domain())
+        .join(address.local().to_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_verify_passwd_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("users");
+        let a = Address::parse("Alice@Example.org").unwrap();
+        UserDb::add(&p, &a, "pw1").unwrap();
+        assert!(UserDb::add(&p, &a, "again").is_err());
+        let db = UserDb::load(&p).unwrap();
+        assert!(db.exists(&a));
+        assert!(db.authenticate("alice@example.org", "pw1"));
+        assert!(!db.authenticate("alice@example.org", "pw2"));
+        UserDb::set_password(&p, "ALICE@example.org", "pw2").unwrap();
+        let db = UserDb::load(&p).unwrap();
+        assert!(db.authenticate("alice@example.org", "pw2"));
+        UserDb::remove(&p, "alice@example.org").unwrap();
+        assert!(UserDb::load(&p).unwrap().list().is_empty());
+        assert!(UserDb::remove(&p, "alice@example.org").is_err());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn dovecot_lines_load_and_errors_name_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("users");
+        std::fs::write(
+            &p,
+            "# migrated\nbob@x.org:{BLF-CRYPT}$2y$05$abcdefghijklmnopqrstuuOQiyCxlgf/oeuTqixKmWdcYUh4Hjl0a:1000:1000::/home/bob::\nbad line\n",
+        )
+        .unwrap();
+        let e = UserDb::load(&p).unwrap_err().to_string();
+        assert!(e.ends_with(":3: expected user@domain:{SCHEME}hash"), "{e}");
+        std::fs::write(
+            &p,
+            "bob@x.org:{BLF-CRYPT}$2y$05$abcdefghijklmnopqrstuuOQiyCxlgf/oeuTqixKmWdcYUh4Hjl0a:1000:1000::/home/bob::\n",
+        )
+        .unwrap();
+        let db = UserDb::load(&p).unwrap();
+        assert!(db.authenticate("bob@x.org", "secret"));
+        UserDb::set_password(&p, "bob@x.org", "new").unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.ends_with(":1000:1000::/home/bob::\n"), "{text}");
+    }
+}
