@@ -1,1 +1,87 @@
-fn main() {}
+//! mailctl: the mailsrv admin tool. See mailctl(8).
+
+mod check;
+mod control;
+mod init;
+mod tables;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use common::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(name = "mailctl", version, about = "Administer a mailsrv installation")]
+struct Cli {
+    /// Configuration file [default: $MAILSRV_CONFIG or /etc/mailsrv/mailsrv.toml]
+    #[arg(short = 'c', long = "config", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a complete, self-contained installation in DIR
+    Init(init::InitArgs),
+    /// Manage mail users
+    #[command(subcommand)]
+    User(tables::UserCommand),
+    /// Manage aliases
+    #[command(subcommand)]
+    Alias(tables::AliasCommand),
+    /// Manage served domains
+    #[command(subcommand)]
+    Domain(tables::DomainCommand),
+    /// Validate the configuration and the tables
+    Check,
+    /// Start the mail system
+    Start {
+        /// Run in this process, logging to stderr, until SIGTERM or SIGINT
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Stop the mail system and wait until it has stopped
+    Stop,
+    /// Make the daemons re-read the configuration
+    Reload,
+    /// Show whether the mail system runs
+    Status {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mailctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let config_path = Config::locate(cli.config.as_deref());
+    if let Command::Init(args) = cli.command {
+        return init::run(&args);
+    }
+    if let Command::Check = cli.command {
+        return check::run(&config_path);
+    }
+    let config = Config::load(&config_path)?;
+    match cli.command {
+        Command::Init(_) | Command::Check => unreachable!("handled above"),
+        Command::User(c) => tables::user(&config, c),
+        Command::Alias(c) => tables::alias(&config, c),
+        Command::Domain(c) => tables::domain(&config, c),
+        Command::Start { foreground } => control::start(&config_path, &config, foreground),
+        Command::Stop => control::stop(&config),
+        Command::Reload => control::reload(&config),
+        Command::Status { json } => control::status(&config, json),
+    }
+}

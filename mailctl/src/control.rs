@@ -1,0 +1,201 @@
+//! `mailctl start|stop|reload|status`: drive the supervisor (`master`).
+//!
+//! Whether mailsrv runs is decided by the supervisor's lock on
+//! `run_dir/master.lock`, not by a pid file that might be stale.
+
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use common::config::Config;
+use common::safeio::try_lock_exclusive;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The daemons whose pid files `status` reports.
+const DAEMONS: [&str; 3] = ["master", "smtpd", "qmgr"];
+
+/// How long `start` waits for the SMTP port, and `stop` for the exit.
+const START_WAIT: Duration = Duration::from_secs(20);
+const STOP_WAIT: Duration = Duration::from_secs(60);
+
+fn master_binary(config: &Config) -> anyhow::Result<PathBuf> {
+    let dir = match &config.paths.libexec_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()
+            .context("finding this program's path")?
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+    };
+    Ok(dir.join("master"))
+}
+
+fn is_running(config: &Config) -> anyhow::Result<bool> {
+    std::fs::create_dir_all(&config.paths.run_dir)
+        .with_context(|| format!("creating {}", config.paths.run_dir.display()))?;
+    let lock = config.paths.run_dir.join("master.lock");
+    let free = try_lock_exclusive(&lock).with_context(|| format!("checking {}", lock.display()))?;
+    Ok(free.is_none())
+}
+
+fn read_pid(config: &Config, name: &str) -> Option<i32> {
+    let text = std::fs::read_to_string(config.paths.run_dir.join(format!("{name}.pid"))).ok()?;
+    text.trim().parse().ok()
+}
+
+/// Start the supervisor, in this process (`foreground`) or detached.
+pub fn start(config_path: &Path, config: &Config, foreground: bool) -> anyhow::Result<()> {
+    if is_running(config)? {
+        bail!("mailsrv is already running");
+    }
+    let master = master_binary(config)?;
+    let config_path = std::path::absolute(config_path).context("resolving the config path")?;
+    let mut cmd = Command::new(&master);
+    cmd.arg("-c").arg(&config_path);
+    if foreground {
+        print_ports(config);
+        let err = cmd.exec();
+        bail!("cannot run {}: {err}", master.display());
+    }
+    let log_path = &config.paths.log_file;
+    if let Some(dir) = log_path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", master.display()))?;
+    let target = probe_address(config);
+    let deadline = Instant::now() + START_WAIT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "mailsrv failed to start ({status}); from {}:\n{}",
+                log_path.display(),
+                log_since(log_path, log_start)
+            );
+        }
+        if TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok() {
+            println!(
+                "mailsrv started (master pid {}); log in {}",
+                child.id(),
+                log_path.display()
+            );
+            print_ports(config);
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "mailsrv did not open {target} within {}s; see {}",
+                START_WAIT.as_secs(),
+                log_path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The first SMTP listener, with a wildcard address made connectable.
+fn probe_address(config: &Config) -> SocketAddr {
+    let mut addr = config.smtpd.listen[0];
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    addr
+}
+
+fn print_ports(config: &Config) {
+    for a in &config.smtpd.listen {
+        println!("  smtp      {a}");
+    }
+}
+
+fn log_since(path: &Path, offset: u64) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let start = usize::try_from(offset).unwrap_or(0).min(text.len());
+    String::from_utf8_lossy(&text[start..]).into_owned()
+}
+
+/// Stop the supervisor and wait until it is gone.
+pub fn stop(config: &Config) -> anyhow::Result<()> {
+    if !is_running(config)? {
+        println!("mailsrv is not running");
+        return Ok(());
+    }
+    let pid =
+        read_pid(config, "master").context("mailsrv runs but run/master.pid is unreadable")?;
+    kill(Pid::from_raw(pid), Signal::SIGTERM).with_context(|| format!("signalling pid {pid}"))?;
+    let deadline = Instant::now() + STOP_WAIT;
+    while is_running(config)? {
+        if Instant::now() > deadline {
+            bail!(
+                "mailsrv (pid {pid}) did not stop within {}s",
+                STOP_WAIT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("mailsrv stopped");
+    Ok(())
+}
+
+/// Ask the daemons to re-read the configuration.
+pub fn reload(config: &Config) -> anyhow::Result<()> {
+    if !is_running(config)? {
+        bail!("mailsrv is not running");
+    }
+    let pid = read_pid(config, "master").context("run/master.pid is unreadable")?;
+    kill(Pid::from_raw(pid), Signal::SIGHUP).with_context(|| format!("signalling pid {pid}"))?;
+    println!("reload requested");
+    Ok(())
+}
+
+/// Report whether mailsrv runs, and the daemons' pids.
+pub fn status(config: &Config, json: bool) -> anyhow::Result<()> {
+    let running = is_running(config)?;
+    let pids: Vec<(&str, Option<i32>)> = DAEMONS
+        .iter()
+        .map(|d| (*d, running.then(|| read_pid(config, d)).flatten()))
+        .collect();
+    if json {
+        let daemons: serde_json::Map<String, serde_json::Value> = pids
+            .iter()
+            .map(|(n, p)| (n.to_string(), serde_json::json!(p)))
+            .collect();
+        let listen: Vec<String> = config.smtpd.listen.iter().map(|a| a.to_string()).collect();
+        let v = serde_json::json!({ "running": running, "pids": daemons, "smtp": listen });
+        println!("{v}");
+    } else if running {
+        println!("mailsrv is running");
+        for (n, p) in pids {
+            println!(
+                "  {n:8} pid {}",
+                p.map(|p| p.to_string()).unwrap_or("?".into())
+            );
+        }
+    } else {
+        println!("mailsrv is not running");
+    }
+    // LSB init-script convention: 3 means "not running".
+    if !running && !json {
+        std::process::exit(3);
+    }
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! `mailctl init`: a complete installation in one directory.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use common::address::normalize_domain;
+use common::config::Config;
+use common::spool::Spool;
+
+/// Arguments of `mailctl init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Directory to create the installation in
+    dir: PathBuf,
+    /// Host name for banners, Received: headers and the certificate
+    #[arg(long, default_value = "localhost")]
+    hostname: String,
+    /// First served domain [default: the host name]
+    #[arg(long)]
+    domain: Option<String>,
+    /// Listen on 127.0.0.1 at P+25 (SMTP); P+587, P+465, P+143, P+993,
+    /// P+110 and P+995 are kept for submission, IMAP and POP3
+    #[arg(long, default_value_t = 10000)]
+    port_base: u16,
+}
+
+/// Create the installation.
+pub fn run(args: &InitArgs) -> anyhow::Result<()> {
+    let dir = std::path::absolute(&args.dir).context("resolving the directory")?;
+    let config_path = dir.join("mailsrv.toml");
+    if config_path.exists() {
+        bail!(
+            "{} exists: refusing to overwrite an installation",
+            config_path.display()
+        );
+    }
+    let domain = args.domain.as_deref().unwrap_or(&args.hostname);
+    let domain =
+        normalize_domain(domain).with_context(|| format!("`{domain}` is not a domain name"))?;
+    let smtp_port = args
+        .port_base
+        .checked_add(995)
+        .map(|_| args.port_base + 25)
+        .context("--port-base is too high: P+995 must be a port number")?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let text = config_text(&args.hostname, smtp_port);
+    // Check what we are about to write with the real parser.
+    Config::parse(&text, &config_path).context("internal error: generated config is invalid")?;
+    for sub in ["mail", "run", "log", "tls"] {
+        std::fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {sub}/"))?;
+    }
+    Spool::new(&dir.join("spool"))
+        .create_dirs()
+        .context("creating the spool")?;
+    write_tls(&dir.join("tls"), &args.hostname)?;
+    write_new(&dir.join("users"), "", 0o600)?;
+    write_new(
+        &dir.join("aliases"),
+        "# name: target, target   |   user@domain: target   |   @domain: catch-all\n",
+        0o644,
+    )?;
+    write_new(&dir.join("domains"), &format!("{domain}\n"), 0o644)?;
+    write_new(&config_path, &text, 0o644)?;
+    println!("created {}", config_path.display());
+    println!("  smtp      127.0.0.1:{smtp_port}");
+    println!("  domain    {domain}");
+    println!("  mail      {}", dir.join("mail").display());
+    println!(
+        "next: mailctl -c {} user add you@{domain}",
+        config_path.display()
+    );
+    Ok(())
+}
+
+fn write_new(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
+    common::safeio::write_atomic_mode(path, text.as_bytes(), mode)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn write_tls(dir: &Path, hostname: &str) -> anyhow::Result<()> {
+    let names = vec![hostname.to_string(), "localhost".to_string()];
+    let cert = rcgen::generate_simple_self_signed(names).context("generating a certificate")?;
+    write_new(&dir.join("cert.pem"), &cert.cert.pem(), 0o644)?;
+    write_new(&dir.join("key.pem"), &cert.key_pair.serialize_pem(), 0o600)
+}
+
+fn config_text(hostname: &str, smtp_port: u16) -> String {
+    format!(
+        r#"# mailsrv configuration; every key is described in mailsrv.conf(5).
+# Relative paths are relative to this file's directory.
+hostname = "{hostname}"
+
+[paths]
+spool = "spool"
+mail_root = "mail"
+users = "users"
+aliases = "aliases"
+domains = "domains"
+run_dir = "run"
+log_file = "log/mailsrv.log"
+
+[log]
+level = "info"
+
+[smtpd]
+listen = ["127.0.0.1:{smtp_port}"]
+max_message_size = 26214400
+max_recipients = 100
+relay_networks = []
+
+[qmgr]
+delivery_concurrency = 8
+
+[addresses]
+recipient_delimiter = "+"
+
+[tls]
+cert = "tls/cert.pem"
+key = "tls/key.pem"
+"#
+    )
+}

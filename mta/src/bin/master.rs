@@ -1,0 +1,37 @@
+//! master: the mailsrv supervisor. See master(8).
+
+use anyhow::Context;
+use common::safeio::{try_lock_exclusive, write_atomic};
+use mailsrv_mta::{daemon, supervisor};
+
+fn main() -> std::process::ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("master: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let (config_path, config) = daemon::start("master")?;
+    let config_path = std::path::absolute(&config_path).context("resolving the config path")?;
+    let run_dir = &config.paths.run_dir;
+    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let lock_path = run_dir.join("master.lock");
+    let _lock = try_lock_exclusive(&lock_path)
+        .with_context(|| format!("locking {}", lock_path.display()))?
+        .context("mailsrv is already running")?;
+    let pid_path = supervisor::pid_file(&config, "master");
+    write_atomic(&pid_path, format!("{}\n", std::process::id()).as_bytes())
+        .with_context(|| format!("writing {}", pid_path.display()))?;
+    let result = supervisor::run(&config_path, &config).await;
+    let _ = std::fs::remove_file(&pid_path);
+    result
+}

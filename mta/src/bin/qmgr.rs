@@ -1,0 +1,46 @@
+//! qmgr: the queue manager and local delivery agent. See qmgr(8).
+
+use anyhow::Context;
+use common::safeio::try_lock_exclusive;
+use mailsrv_mta::daemon::{self, SignalEvent, Signals};
+
+fn main() -> std::process::ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("qmgr: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let (_path, config) = daemon::start("qmgr")?;
+    std::fs::create_dir_all(&config.paths.run_dir)
+        .with_context(|| format!("creating {}", config.paths.run_dir.display()))?;
+    let lock_path = config.paths.run_dir.join("qmgr.lock");
+    let _lock = try_lock_exclusive(&lock_path)
+        .with_context(|| format!("locking {}", lock_path.display()))?
+        .context("another qmgr is running")?;
+    let mut signals = Signals::install()?;
+    let (stop_tx, stop_rx) = daemon::shutdown_channel();
+    let queue = tokio::spawn({
+        let config = config.clone();
+        async move { mailsrv_mta::qmgr::run(&config, stop_rx).await }
+    });
+    tracing::info!("started");
+    tokio::pin!(queue);
+    loop {
+        tokio::select! {
+            // The tables reload by themselves when their files change.
+            sig = signals.next() => if sig == SignalEvent::Stop { break },
+            result = &mut queue => return result.context("queue manager task")?,
+        }
+    }
+    let _ = stop_tx.send(true);
+    queue.await.context("queue manager task")?
+}

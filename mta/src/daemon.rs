@@ -1,0 +1,80 @@
+//! What every daemon does at start: read `-c FILE`, load the config, set up
+//! logging, and turn SIGTERM/SIGINT and SIGHUP into async events.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Parser;
+use common::config::Config;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+/// Command line shared by the daemons.
+#[derive(Debug, Parser)]
+pub struct DaemonArgs {
+    /// Configuration file (default: $MAILSRV_CONFIG or /etc/mailsrv/mailsrv.toml).
+    #[arg(short = 'c', long = "config")]
+    pub config: Option<PathBuf>,
+}
+
+impl DaemonArgs {
+    /// The config file path to use.
+    pub fn config_path(&self) -> PathBuf {
+        Config::locate(self.config.as_deref())
+    }
+}
+
+/// Load the config or explain why not.
+pub fn load_config(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(anyhow::Error::from)
+}
+
+/// Parse the command line, load the config and start logging as `program`.
+pub fn start(program: &'static str) -> anyhow::Result<(PathBuf, Config)> {
+    let args = DaemonArgs::parse();
+    let path = args.config_path();
+    let config = load_config(&path)?;
+    common::logging::init(program, &config.log.level);
+    Ok((path, config))
+}
+
+/// Signals a daemon reacts to.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+/// What arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalEvent {
+    /// SIGTERM or SIGINT: stop.
+    Stop,
+    /// SIGHUP: reload.
+    Reload,
+}
+
+impl Signals {
+    /// Install the handlers (inside a tokio runtime).
+    pub fn install() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
+        })
+    }
+
+    /// Wait for the next signal.
+    pub async fn next(&mut self) -> SignalEvent {
+        tokio::select! {
+            _ = self.term.recv() => SignalEvent::Stop,
+            _ = self.int.recv() => SignalEvent::Stop,
+            _ = self.hup.recv() => SignalEvent::Reload,
+        }
+    }
+}
+
+/// A shutdown flag: the sender side stays with main, receivers go to tasks.
+pub fn shutdown_channel() -> (watch::Sender<bool>, watch::Receiver<bool>) {
+    watch::channel(false)
+}

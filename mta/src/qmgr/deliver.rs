@@ -1,0 +1,240 @@
+//! One delivery pass over one queue entry (blocking code, run on the
+//! blocking thread pool): alias expansion, local Maildir delivery,
+//! per-recipient status, bounces.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::BufReader;
+
+use common::address::Address;
+use common::maildir;
+use common::recipients::{Destination, Directory, ResolveError};
+use common::spool::{
+    unix_now, Envelope, QueueState, Recipient, RecipientStatus, Spool, SpoolError,
+};
+use common::userdb::maildir_path;
+
+use super::bounce;
+use super::Context;
+
+/// What became of the entry after a pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PassResult {
+    /// Every recipient is done; the entry is gone.
+    Finished,
+    /// Some recipients wait; the entry is in `deferred/` until this time.
+    Deferred { next_try: u64 },
+    /// The entry could not be read; it was moved to `corrupt/`.
+    Corrupt,
+    /// The spool itself failed; the entry stays in `active/` for the next
+    /// start's recovery.
+    Stuck,
+}
+
+/// Deliver what can be delivered of entry `id` (in `active/`).
+pub fn run_pass(ctx: &Context, id: &str) -> PassResult {
+    let spool = &ctx.spool;
+    let mut env = match spool.read_envelope(QueueState::Active, id) {
+        Ok(env) => env,
+        Err(e) => {
+            tracing::error!("{id}: unreadable envelope, moved to corrupt: {e}");
+            return move_to_corrupt(spool, id);
+        }
+    };
+    if !spool.data_path(id).exists() {
+        tracing::error!("{id}: message file missing, moved to corrupt");
+        return move_to_corrupt(spool, id);
+    }
+    let (dir, stale) = ctx.directory.current();
+    if let Some(e) = stale {
+        tracing::error!("keeping previous tables: {e}");
+    }
+    expand_recipients(&mut env, &dir);
+    for rcpt in env.recipients.iter_mut() {
+        if rcpt.status == RecipientStatus::Pending {
+            deliver_one(ctx, &dir, &env.id, &env.sender, rcpt);
+        }
+    }
+    let failed: Vec<&Recipient> = env
+        .recipients
+        .iter()
+        .filter(|r| r.status == RecipientStatus::Failed)
+        .collect();
+    if !failed.is_empty() {
+        if let Err(e) = bounce::queue_bounce(ctx, &env, &failed) {
+            tracing::error!("{id}: cannot queue bounce, will retry: {e}");
+            return defer(ctx, env);
+        }
+        // The bounce now carries these; they are done.
+        for r in env.recipients.iter_mut() {
+            if r.status == RecipientStatus::Failed {
+                r.status = RecipientStatus::Delivered;
+            }
+        }
+    }
+    if env
+        .recipients
+        .iter()
+        .all(|r| r.status == RecipientStatus::Delivered)
+    {
+        return match spool.remove(id, QueueState::Active) {
+            Ok(()) => {
+                tracing::info!("{id}: removed");
+                PassResult::Finished
+            }
+            Err(e) => {
+                tracing::error!("{id}: cannot remove finished entry: {e}");
+                PassResult::Stuck
+            }
+        };
+    }
+    defer(ctx, env)
+}
+
+/// Replace recipients as received by their final destinations.
+fn expand_recipients(env: &mut Envelope, dir: &Directory) {
+    if env
+        .recipients
+        .iter()
+        .all(|r| r.status != RecipientStatus::Unresolved)
+    {
+        return;
+    }
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::with_capacity(env.recipients.len());
+    for r in std::mem::take(&mut env.recipients) {
+        if r.status != RecipientStatus::Unresolved {
+            seen.insert(r.address.clone());
+            out.push(r);
+            continue;
+        }
+        let resolved = Address::parse(&r.address)
+            .map_err(|e| format!("5.1.3 bad address: {e}"))
+            .and_then(|a| dir.resolve(&a).map_err(|e| resolve_error(&e)));
+        match resolved {
+            Ok(dests) => {
+                for d in dests {
+                    let address = match d {
+                        Destination::Local(a) | Destination::Remote(a) => a.to_string(),
+                    };
+                    if seen.insert(address.clone()) {
+                        let original = (address != r.address).then(|| r.address.clone());
+                        out.push(Recipient {
+                            address,
+                            original,
+                            orcpt: r.orcpt.clone(),
+                            status: RecipientStatus::Pending,
+                            attempts: 0,
+                            last_error: None,
+                        });
+                    }
+                }
+            }
+            Err(reason) => {
+                tracing::info!("{}: to=<{}>, status=bounced ({reason})", env.id, r.address);
+                out.push(Recipient {
+                    status: RecipientStatus::Failed,
+                    last_error: Some(reason),
+                    ..r
+                });
+            }
+        }
+    }
+    env.recipients = out;
+}
+
+fn resolve_error(e: &ResolveError) -> String {
+    match e {
+        ResolveError::UnknownUser(_) => format!("5.1.1 {e}"),
+        ResolveError::AliasLoop(_) | ResolveError::TooManyTargets => format!("5.4.6 {e}"),
+    }
+}
+
+fn deliver_one(ctx: &Context, dir: &Directory, id: &str, sender: &str, rcpt: &mut Recipient) {
+    let address = match Address::parse(&rcpt.address) {
+        Ok(a) => a,
+        Err(e) => {
+            rcpt.status = RecipientStatus::Failed;
+            rcpt.last_error = Some(format!("5.1.3 bad address: {e}"));
+            return;
+        }
+    };
+    rcpt.attempts += 1;
+    if !dir.is_local_domain(address.domain()) {
+        // Remote delivery arrives with issue 5; until then the message
+        // waits in the deferred queue and is never dropped.
+        rcpt.last_error = Some("4.4.0 remote delivery is not available yet".into());
+        tracing::info!("{id}: to=<{address}>, status=deferred (remote delivery not available)");
+        return;
+    }
+    match deliver_local(ctx, id, sender, &address) {
+        Ok(path) => {
+            rcpt.status = RecipientStatus::Delivered;
+            rcpt.last_error = None;
+            let orig = rcpt
+                .original
+                .as_deref()
+                .map(|o| format!(", orig_to=<{o}>"))
+                .unwrap_or_default();
+            tracing::info!(
+                "{id}: to=<{address}>{orig}, relay=local, status=sent (delivered to maildir {})",
+                path.display()
+            );
+        }
+        Err(e) => {
+            rcpt.last_error = Some(format!("4.2.0 local delivery failed: {e}"));
+            tracing::warn!("{id}: to=<{address}>, relay=local, status=deferred ({e})");
+        }
+    }
+}
+
+fn deliver_local(
+    ctx: &Context,
+    id: &str,
+    sender: &str,
+    mailbox: &Address,
+) -> std::io::Result<std::path::PathBuf> {
+    let file = File::open(ctx.spool.data_path(id))?;
+    let headers = format!("Return-Path: <{sender}>\nDelivered-To: {mailbox}\n");
+    let target = maildir_path(&ctx.mail_root, mailbox);
+    let delivered = maildir::deliver(
+        &target,
+        &ctx.hostname,
+        headers.as_bytes(),
+        BufReader::with_capacity(64 * 1024, file),
+    )?;
+    Ok(delivered.path)
+}
+
+/// Record the pass and park the entry in `deferred/`.
+fn defer(ctx: &Context, mut env: Envelope) -> PassResult {
+    env.attempts += 1;
+    env.next_try = unix_now() + ctx.backoff(env.attempts);
+    let id = env.id.clone();
+    let saved: Result<(), SpoolError> = ctx
+        .spool
+        .write_envelope(QueueState::Active, &env)
+        .and_then(|_| {
+            ctx.spool
+                .move_entry(&id, QueueState::Active, QueueState::Deferred)
+        });
+    match saved {
+        Ok(()) => PassResult::Deferred {
+            next_try: env.next_try,
+        },
+        Err(e) => {
+            tracing::error!("{id}: cannot defer: {e}");
+            PassResult::Stuck
+        }
+    }
+}
+
+fn move_to_corrupt(spool: &Spool, id: &str) -> PassResult {
+    match spool.move_entry(id, QueueState::Active, QueueState::Corrupt) {
+        Ok(()) => PassResult::Corrupt,
+        Err(e) => {
+            tracing::error!("{id}: cannot move to corrupt: {e}");
+            PassResult::Stuck
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The queue manager: notices new entries at once (inotify on `incoming/`),
+//! runs delivery passes with bounded concurrency, and retries deferred
+//! entries with exponential backoff.
+
+pub mod bounce;
+pub mod deliver;
+pub mod recovery;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use common::config::Config;
+use common::recipients::DirectoryCache;
+use common::spool::{unix_now, QueueState, Spool};
+use futures_util::StreamExt;
+use inotify::{Inotify, WatchMask};
+use tokio::sync::{mpsc, Semaphore};
+
+use deliver::PassResult;
+
+/// Everything a delivery pass needs.
+pub struct Context {
+    pub spool: Spool,
+    pub directory: DirectoryCache,
+    pub mail_root: PathBuf,
+    pub hostname: String,
+    pub min_backoff: u64,
+    pub max_backoff: u64,
+}
+
+impl Context {
+    /// Build from the config.
+    pub fn new(config: &Config) -> anyhow::Result<Context> {
+        Ok(Context {
+            spool: Spool::new(&config.paths.spool),
+            directory: DirectoryCache::new(config).context("loading users, aliases and domains")?,
+            mail_root: config.paths.mail_root.clone(),
+            hostname: config.hostname.clone(),
+            min_backoff: config.qmgr.min_backoff,
+            max_backoff: config.qmgr.max_backoff,
+        })
+    }
+
+    /// Seconds to wait after the `attempts`-th failed pass: doubling from
+    /// `min_backoff`, capped at `max_backoff` (as Postfix's
+    /// minimal/maximal_backoff_time).
+    pub fn backoff(&self, attempts: u32) -> u64 {
+        let shift = attempts.saturating_sub(1).min(20);
+        self.min_backoff
+            .saturating_mul(1u64 << shift)
+            .min(self.max_backoff)
+    }
+}
+
+/// The scheduler's view of the queue.
+struct Scheduler {
+    ctx: Arc<Context>,
+    /// Entries being delivered now.
+    in_flight: HashSet<String>,
+    /// Deferred entries and when they are due.
+    deferred: HashMap<String, u64>,
+    slots: Arc<Semaphore>,
+    done_tx: mpsc::UnboundedSender<(String, PassResult)>,
+}
+
+impl Scheduler {
+    /// Start passes for everything in `incoming/`.
+    fn take_incoming(&mut self) {
+        let ids = match self.ctx.spool.list(QueueState::Incoming) {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::error!("cannot read the incoming queue: {e}");
+                return;
+            }
+        };
+        for id in ids {
+            if self.in_flight.contains(&id) {
+                continue;
+            }
+            // No fsync: active and incoming both mean "to deliver", and
+            // recovery moves active entries back at start.
+            let from = self.ctx.spool.envelope_path(QueueState::Incoming, &id);
+            let to = self.ctx.spool.envelope_path(QueueState::Active, &id);
+            if let Err(e) = std::fs::rename(&from, &to) {
+                tracing::error!("{id}: cannot activate: {e}");
+                continue;
+            }
+            self.start(id);
+        }
+    }
+
+    /// Move due deferred entries to `active/` and start them.
+    fn take_due(&mut self) {
+        let now = unix_now();
+        let due: Vec<String> = self
+            .deferred
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            self.deferred.remove(&id);
+            match self
+                .ctx
+                .spool
+                .move_entry(&id, QueueState::Deferred, QueueState::Active)
+            {
+                Ok(()) => self.start(id),
+                // Removed or held by the admin meanwhile.
+                Err(e) => tracing::debug!("{id}: not retried: {e}"),
+            }
+        }
+    }
+
+    fn start(&mut self, id: String) {
+        self.in_flight.insert(id.clone());
+        let ctx = self.ctx.clone();
+        let slots = self.slots.clone();
+        let done = self.done_tx.clone();
+        tokio::spawn(async move {
+            let _permit = slots.acquire_owned().await.expect("semaphore never closes");
+            let pass_id = id.clone();
+            let result = tokio::task::spawn_blocking(move || deliver::run_pass(&ctx, &pass_id))
+                .await
+                .unwrap_or(PassResult::Stuck);
+            let _ = done.send((id, result));
+        });
+    }
+
+    fn finished(&mut self, id: String, result: PassResult) {
+        self.in_flight.remove(&id);
+        if let PassResult::Deferred { next_try } = result {
+            self.deferred.insert(id, next_try);
+        }
+    }
+
+    /// How long until the next deferred entry is due.
+    fn next_wakeup(&self) -> Duration {
+        let now = unix_now();
+        self.deferred
+            .values()
+            .min()
+            .map(|t| Duration::from_secs(t.saturating_sub(now)))
+            .unwrap_or(Duration::from_secs(3600))
+    }
+}
+
+/// Run the queue manager until `stop` turns true.
+pub async fn run(
+    config: &Config,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let ctx = Arc::new(Context::new(config)?);
+    let spool = &ctx.spool;
+    spool.create_dirs().context("creating spool directories")?;
+    // Watch before the first scan, so nothing that arrives in between is
+    // missed.
+    let inotify = Inotify::init().context("inotify init")?;
+    inotify
+        .watches()
+        .add(
+            spool.dir(QueueState::Incoming),
+            WatchMask::MOVED_TO | WatchMask::CREATE,
+        )
+        .context("watching the incoming queue")?;
+    let mut events = inotify
+        .into_event_stream(vec![0u8; 4096])
+        .context("inotify stream")?;
+    let deferred = recovery::recover(&ctx);
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let mut sched = Scheduler {
+        ctx: ctx.clone(),
+        in_flight: HashSet::new(),
+        deferred,
+        slots: Arc::new(Semaphore::new(config.qmgr.delivery_concurrency)),
+        done_tx,
+    };
+    sched.take_incoming();
+    sched.take_due();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            ev = events.next() => match ev {
+                Some(Ok(_)) => sched.take_incoming(),
+                Some(Err(e)) => anyhow::bail!("inotify: {e}"),
+                None => anyhow::bail!("inotify stream ended"),
+            },
+            Some((id, result)) = done_rx.recv() => sched.finished(id, result),
+            _ = tokio::time::sleep(sched.next_wakeup()) => sched.take_due(),
+        }
+    }
+    // Let running passes finish: a pass cut short is redone at next start,
+    // which may deliver twice but never loses mail.
+    while !sched.in_flight.is_empty() {
+        match tokio::time::timeout(Duration::from_secs(30), done_rx.recv()).await {
+            Ok(Some((id, result))) => sched.finished(id, result),
+            _ => break,
+        }
+    }
+    Ok(())
+}

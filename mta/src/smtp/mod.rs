@@ -1,0 +1,8 @@
+//! The SMTP receiver: a pure DATA decoder and session state machine, and the
+//! I/O loop around them. Commands are parsed by `smtp-proto`.
+
+pub mod data;
+pub mod receive;
+pub mod reply;
+pub mod server;
+pub mod session;

@@ -1,0 +1,215 @@
+//! Writing an incoming message into the spool, and the group commit that
+//! lets many sessions share one directory fsync.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::Arc;
+
+use common::queue_id::new_queue_id;
+use common::spool::{is_disk_full, Envelope, Spool, SpoolError};
+use tokio::sync::{mpsc, oneshot};
+
+use super::session::DataOutcome;
+
+/// Bytes gathered in memory before they are written to the data file.
+const WRITE_BATCH: usize = 256 * 1024;
+
+/// A message being received into `spool/data/<id>`.
+pub struct MessageWriter {
+    id: String,
+    spool: Spool,
+    file: Option<File>,
+    buf: Vec<u8>,
+    size: u64,
+    max_size: u64,
+    error: Option<std::io::Error>,
+}
+
+impl MessageWriter {
+    /// Start a new message with a fresh queue id.
+    pub async fn create(spool: &Spool, max_size: u64) -> Result<MessageWriter, SpoolError> {
+        let id = new_queue_id();
+        let file = {
+            let spool = spool.clone();
+            let id = id.clone();
+            tokio::task::spawn_blocking(move || spool.create_data(&id))
+                .await
+                .expect("create_data does not panic")?
+        };
+        Ok(MessageWriter {
+            id,
+            spool: spool.clone(),
+            file: Some(file),
+            buf: Vec::with_capacity(WRITE_BATCH),
+            size: 0,
+            max_size,
+            error: None,
+        })
+    }
+
+    /// The queue id this message will have.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Bytes of message so far (including the Received header).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether the message has grown past the size limit; from then on
+    /// bytes are counted but not stored.
+    pub fn too_big(&self) -> bool {
+        self.size > self.max_size
+    }
+
+    /// Append message bytes.
+    pub async fn write(&mut self, bytes: &[u8]) {
+        self.size += bytes.len() as u64;
+        if self.too_big() || self.error.is_some() {
+            return;
+        }
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= WRITE_BATCH {
+            self.flush(false).await;
+        }
+    }
+
+    /// Write out the buffer (and fsync when `sync`) off the async threads.
+    async fn flush(&mut self, sync: bool) {
+        let Some(mut file) = self.file.take() else {
+            return;
+        };
+        let mut buf = std::mem::take(&mut self.buf);
+        let (file, buf, result) = tokio::task::spawn_blocking(move || {
+            let mut r = file.write_all(&buf);
+            if r.is_ok() && sync {
+                r = file.sync_all();
+            }
+            buf.clear();
+            (file, buf, r)
+        })
+        .await
+        .expect("file writes do not panic");
+        self.file = Some(file);
+        self.buf = buf;
+        if let Err(e) = result {
+            self.error = Some(e);
+        }
+    }
+
+    /// Finish: fsync the data, write and fsync the envelope, make both
+    /// directories durable (shared fsync), and only then report `Queued`.
+    /// Anything short of that removes the data file.
+    pub async fn commit(mut self, envelope: Envelope, syncer: &DirSyncer) -> DataOutcome {
+        if self.too_big() {
+            self.discard();
+            return DataOutcome::TooBig;
+        }
+        self.flush(true).await;
+        if let Some(e) = self.error.take() {
+            tracing::error!("{}: cannot write message: {e}", self.id);
+            let full = is_disk_full(&e);
+            self.discard();
+            return if full {
+                DataOutcome::DiskFull
+            } else {
+                DataOutcome::LocalError
+            };
+        }
+        let spool = self.spool.clone();
+        let committed = tokio::task::spawn_blocking(move || spool.commit(&envelope))
+            .await
+            .expect("commit does not panic");
+        let synced = match committed {
+            Ok(()) => syncer.sync().await,
+            Err(e) => Err(Arc::new(e)),
+        };
+        match synced {
+            Ok(()) => {
+                self.file = None;
+                DataOutcome::Queued(std::mem::take(&mut self.id))
+            }
+            Err(e) => {
+                tracing::error!("{}: cannot queue message: {e}", self.id);
+                let full = e.is_disk_full();
+                let _ = std::fs::remove_file(
+                    self.spool
+                        .envelope_path(common::spool::QueueState::Incoming, &self.id),
+                );
+                self.discard();
+                if full {
+                    DataOutcome::DiskFull
+                } else {
+                    DataOutcome::LocalError
+                }
+            }
+        }
+    }
+
+    /// Throw the message away.
+    pub fn discard(mut self) {
+        self.file = None;
+        self.spool.discard(&self.id);
+        self.id.clear();
+    }
+}
+
+impl Drop for MessageWriter {
+    fn drop(&mut self) {
+        // A writer dropped mid-message (disconnect, RSET) leaves no file.
+        if !self.id.is_empty() && self.file.is_some() {
+            self.spool.discard(&self.id);
+        }
+    }
+}
+
+type SyncResult = Result<(), Arc<SpoolError>>;
+
+/// Group commit of the spool directories: every session that committed an
+/// envelope asks for a sync; one fsync of `data/` and `incoming/` answers
+/// all the requests that were waiting when it started.
+#[derive(Clone)]
+pub struct DirSyncer {
+    requests: mpsc::UnboundedSender<oneshot::Sender<SyncResult>>,
+}
+
+impl DirSyncer {
+    /// Start the sync task for `spool`.
+    pub fn spawn(spool: Spool) -> DirSyncer {
+        let (tx, mut rx) = mpsc::unbounded_channel::<oneshot::Sender<SyncResult>>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut waiters = vec![first];
+                while let Ok(more) = rx.try_recv() {
+                    waiters.push(more);
+                }
+                let spool = spool.clone();
+                let result = tokio::task::spawn_blocking(move || spool.sync_new_entries())
+                    .await
+                    .expect("fsync does not panic")
+                    .map_err(Arc::new);
+                for w in waiters {
+                    let _ = w.send(result.clone());
+                }
+            }
+        });
+        DirSyncer { requests: tx }
+    }
+
+    /// Wait until everything committed before this call is durable.
+    pub async fn sync(&self) -> SyncResult {
+        let (tx, rx) = oneshot::channel();
+        if self.requests.send(tx).is_err() {
+            return Err(sync_task_gone());
+        }
+        rx.await.unwrap_or_else(|_| Err(sync_task_gone()))
+    }
+}
+
+fn sync_task_gone() -> Arc<SpoolError> {
+    Arc::new(SpoolError::Io {
+        path: "spool".into(),
+        source: std::io::Error::other("directory sync task stopped"),
+    })
+}
