@@ -1,11 +1,14 @@
 //! The aliases file: `/etc/aliases` syntax extended with virtual aliases.
 //!
 //! ```text
-//! postmaster: alice            # bare name: in every served domain
+//! # a bare name applies in every served domain
+//! postmaster: alice
 //! sales@example.org: bob@example.org, carol@example.net
-//! @example.org: alice@example.org   # catch-all for unknown users
+//! # catch-all for users that do not exist
+//! @example.org: alice@example.org
 //! ```
 //!
+//! Comments are whole lines starting with `#`, as in `/etc/aliases`.
 //! A line that starts with white space continues the previous one, as in
 //! `/etc/aliases`. A bare target name means that user in the domain of the
 //! address being expanded. Pipes, files and `:include:` are refused: the

@@ -385,8 +385,19 @@ impl Config {
         if self.smtpd.max_recipients == 0 {
             return fail("smtpd.max_recipients", "must be at least 1");
         }
-        if self.smtpd.max_connections == 0 || self.smtpd.max_connections_per_client == 0 {
-            return fail("smtpd.max_connections", "must be at least 1");
+        let at_least_one = [
+            ("smtpd.max_connections", self.smtpd.max_connections as u64),
+            (
+                "smtpd.max_connections_per_client",
+                self.smtpd.max_connections_per_client as u64,
+            ),
+            ("smtpd.max_errors", u64::from(self.smtpd.max_errors)),
+            ("smtpd.command_timeout", self.smtpd.command_timeout),
+            ("smtpd.data_timeout", self.smtpd.data_timeout),
+            ("smtpd.session_timeout", self.smtpd.session_timeout),
+        ];
+        if let Some((key, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
+            return fail(key, "must be at least 1");
         }
         if self.qmgr.delivery_concurrency == 0 {
             return fail("qmgr.delivery_concurrency", "must be at least 1");

@@ -8,6 +8,7 @@ pub mod config;
 pub mod domains;
 pub mod logging;
 pub mod maildir;
+pub mod net;
 pub mod password;
 pub mod queue_id;
 pub mod recipients;

@@ -28,8 +28,8 @@ async fn run() -> anyhow::Result<()> {
     let directory = DirectoryCache::new(&config).context("loading users, aliases and domains")?;
     let mut listeners = Vec::new();
     for addr in &config.smtpd.listen {
-        let l = TcpListener::bind(addr)
-            .await
+        let l = common::net::bind_listener(*addr)
+            .and_then(TcpListener::from_std)
             .with_context(|| format!("cannot listen on {addr}"))?;
         listeners.push(l);
     }

@@ -57,6 +57,13 @@ impl MessageWriter {
         self.size
     }
 
+    /// Write a header of our own (Received:); it does not count against the
+    /// client's size limit (RFC 1870 concerns the client's message).
+    pub async fn write_own_header(&mut self, header: &[u8]) {
+        self.max_size += header.len() as u64;
+        self.write(header).await;
+    }
+
     /// Whether the message has grown past the size limit; from then on
     /// bytes are counted but not stored.
     pub fn too_big(&self) -> bool {

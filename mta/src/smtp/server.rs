@@ -361,7 +361,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> SessionIo<'_, R, W> {
         match MessageWriter::create(&self.server.spool, max).await {
             Ok(mut w) => {
                 let header = self.received_header(w.id());
-                w.write(header.as_bytes()).await;
+                w.write_own_header(header.as_bytes()).await;
                 Ok(w)
             }
             Err(e) => {

@@ -250,9 +250,8 @@ impl Session {
     }
 
     fn mail(&mut self, from: smtp_proto::MailFrom<String>) -> Action {
-        if self.greeted == Greeted::No {
-            return reply(503, "5.5.1", "Send EHLO or HELO first");
-        }
+        // No HELO/EHLO needed first: Postfix's default
+        // (smtpd_helo_required = no), and Python's smtplib.mail() relies on it.
         if self.tx.is_some() {
             return reply(503, "5.5.1", "Nested MAIL command");
         }
@@ -304,9 +303,16 @@ impl Session {
         let Some(tx) = self.tx.as_mut() else {
             return reply(503, "5.5.1", "Need MAIL before RCPT");
         };
-        // RFC 5321 4.5.1: <postmaster> without a domain must be accepted.
+        // RFC 5321 4.5.1: <postmaster> without a domain must be accepted;
+        // it means the postmaster of this host's domain, or of the first
+        // domain served if the host name is not one.
         let raw = if to.address.eq_ignore_ascii_case("postmaster") {
-            format!("postmaster@{hostname}")
+            let domain = if dir.is_local_domain(&hostname) {
+                hostname.as_str()
+            } else {
+                dir.domains.iter().next().unwrap_or(hostname.as_str())
+            };
+            format!("postmaster@{domain}")
         } else {
             to.address
         };
@@ -495,10 +501,6 @@ mod tests {
     fn happy_path_and_order() {
         let (_t, d) = directory();
         let mut s = session(&[]);
-        assert_eq!(
-            code(&run(&mut s, &d, "MAIL FROM:<x@y.test>")),
-            (503, "5.5.1")
-        );
         assert_eq!(code(&run(&mut s, &d, "EHLO c.test")).0, 250);
         assert_eq!(
             code(&run(&mut s, &d, "RCPT TO:<alice@a.test>")),
@@ -508,6 +510,8 @@ mod tests {
             code(&run(&mut s, &d, "MAIL FROM:<x@y.test> BODY=8BITMIME")),
             (250, "2.1.0")
         );
+        let nested = run(&mut s, &d, "MAIL FROM:<x@y.test>");
+        assert_eq!(code(&nested), (503, "5.5.1"));
         assert_eq!(code(&run(&mut s, &d, "DATA")), (554, "5.5.1"));
         assert_eq!(
             code(&run(&mut s, &d, "RCPT TO:<Alice+tag@A.test>")),

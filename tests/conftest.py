@@ -1,0 +1,397 @@
+"""Harness for the mailsrv end-to-end tests (interfaces: docs/contract.md).
+
+Every test gets its own installation made by `mailctl init` in a temporary
+directory, on a random port base, and runs it with
+`mailctl start --foreground` in its own process group. Teardown always stops
+it (SIGTERM, then SIGKILL) and prints the tail of its log when the test
+failed.
+
+Binaries come from $MAILSRV_BIN_DIR, default <repo>/target/debug.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import smtplib
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mailtest import (  # noqa: E402
+    CLIENT_NAME, LOCALHOST, RawSMTP, bindable, greets, header, make_message,
+    pid_alive, process_mentions, read_pid, wait_until,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+BIN_DIR = Path(os.environ.get("MAILSRV_BIN_DIR", REPO / "target" / "debug")).resolve()
+MAILCTL = BIN_DIR / "mailctl"
+
+HOSTNAME = "mx.example.test"
+DOMAIN = "example.test"
+DAEMONS = ("master", "smtpd", "qmgr")
+# smtpd listens on P+25; the others are reserved for later services.
+PORT_OFFSETS = (25, 587, 465, 143, 993, 110, 995)
+
+START_TIMEOUT = 20
+STOP_TIMEOUT = 15
+LOG_TAIL_LINES = 80
+
+
+def free_port_base() -> int:
+    """A port base P whose P+25, P+587, ... are all bindable on 127.0.0.1."""
+    for _ in range(200):
+        base = random.randint(20000, 50000)
+        if all(bindable(base + off) for off in PORT_OFFSETS):
+            return base
+    raise RuntimeError("no free port base found")
+
+
+def toml_value(value: Any) -> str:
+    """A Python value as a TOML literal (str, int, bool or list of those)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def set_toml_key(text: str, dotted_key: str, literal: str) -> tuple[str, int]:
+    """Set `table.key = literal` in TOML `text` (a flat template as written by
+    `mailctl init`): replace the key's line if present, else add it right
+    after the table header (or at the top for a top-level key, or in a new
+    table at the end). Returns the new text and the 1-based line of the key."""
+    table, _, key = dotted_key.rpartition(".")
+    lines = text.splitlines()
+    current = ""
+    header_index = -1 if table == "" else None
+    key_re = re.compile(rf"{re.escape(key)}\s*=")
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith("["):
+            current = stripped.strip("[]").strip()
+            if current == table:
+                header_index = i
+        elif current == table and key_re.match(stripped):
+            lines[i] = f"{key} = {literal}"
+            return "\n".join(lines) + "\n", i + 1
+    if header_index is None:
+        lines += ["", f"[{table}]"]
+        header_index = len(lines) - 1
+    lines.insert(header_index + 1, f"{key} = {literal}")
+    return "\n".join(lines) + "\n", header_index + 2
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_mailctl(args: list[str], input: str | None = None, check: bool = True,
+                timeout: float = 60) -> Result:
+    """Run mailctl. Output goes through temporary files, not pipes, so a
+    daemon that inherits them cannot keep us waiting."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.run(
+            [str(MAILCTL), *args],
+            input=None if input is None else input.encode("utf-8"),
+            stdin=subprocess.DEVNULL if input is None else None,
+            stdout=out, stderr=err, timeout=timeout,
+        )
+        out.seek(0)
+        err.seek(0)
+        result = Result(proc.returncode, out.read().decode("utf-8", "replace"),
+                        err.read().decode("utf-8", "replace"))
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"mailctl {' '.join(args)} exited {result.returncode}\n"
+            f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    return result
+
+
+class Mailsrv:
+    """One mailsrv installation in `root`, optionally running."""
+
+    def __init__(self, root: Path, port_base: int):
+        self.root = root
+        self.port_base = port_base
+        self.smtp_port = port_base + 25
+        self.config_path = root / "mailsrv.toml"
+        self.log_path = root / "test-daemon.log"
+        self.run_dir = root / "run"
+        self.mail_root = root / "mail"
+        self.hostname = HOSTNAME
+        self.domain = DOMAIN
+        self.proc: subprocess.Popen | None = None
+
+    # ---- installation and configuration ---------------------------------
+
+    def init(self, check: bool = True) -> Result:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return run_mailctl(["init", str(self.root), "--hostname", self.hostname,
+                            "--domain", self.domain, "--port-base", str(self.port_base)],
+                           check=check)
+
+    def set_config(self, dotted_key: str, value: Any) -> int:
+        """Set a config value (e.g. "smtpd.max_errors", 3) in the file;
+        returns the line it is on. Takes effect at the next start/reload."""
+        text, line = set_toml_key(self.config_path.read_text(), dotted_key,
+                                  toml_value(value))
+        self.config_path.write_text(text)
+        return line
+
+    def ctl(self, *args: str, input: str | None = None, check: bool = True) -> Result:
+        return run_mailctl(["-c", str(self.config_path), *args], input=input, check=check)
+
+    def add_user(self, addr: str, password: str = "pw", check: bool = True) -> Result:
+        return self.ctl("user", "add", addr, input=password + "\n", check=check)
+
+    def add_alias(self, source: str, *targets: str) -> Result:
+        return self.ctl("alias", "add", source, *targets)
+
+    def add_domain(self, domain: str) -> Result:
+        return self.ctl("domain", "add", domain)
+
+    # ---- running ---------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        """`mailctl start --foreground` in a new session; wait for port 25."""
+        assert not self.running, "already running"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(MAILCTL), "-c", str(self.config_path), "start", "--foreground"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not greets(self.smtp_port):
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"mailsrv exited with {self.proc.returncode} during start\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"port {self.smtp_port} gave no 220 greeting within {timeout}s\n"
+                    f"{self.log_tail()}")
+            time.sleep(0.05)
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGTERM to the process group; SIGKILL if it outlives `timeout`.
+        Returns the exit code of `mailctl start --foreground`."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                self.proc.wait(timeout)
+        self._signal_group(signal.SIGKILL)   # stragglers left in the group
+        return self.proc.returncode
+
+    def daemon_pids(self) -> list[int]:
+        """Live pids named by our pid files that really belong to this
+        installation."""
+        pids = (read_pid(self.run_dir / f"{d}.pid") for d in DAEMONS)
+        return [p for p in pids
+                if p and pid_alive(p) and process_mentions(p, str(self.root))]
+
+    def crash(self) -> None:
+        """kill -9 everything: the process group and every daemon we know."""
+        if self.proc is not None:
+            self._signal_group(signal.SIGKILL)
+            self.proc.wait(STOP_TIMEOUT)
+        for pid in self.daemon_pids():
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not self.daemon_pids(), STOP_TIMEOUT,
+                   "killed daemons to disappear")
+
+    def restart(self) -> None:
+        """Stop (if running) and start again in the foreground."""
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        """Teardown: stop, and kill anything of ours still alive (e.g. a
+        supervisor from a background `mailctl start`)."""
+        try:
+            self.stop()
+        finally:
+            for pid in self.daemon_pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def pid(self, daemon: str) -> int:
+        pid = read_pid(self.run_dir / f"{daemon}.pid")
+        assert pid is not None, f"no pid in {self.run_dir / (daemon + '.pid')}"
+        return pid
+
+    def wait_for_new_pid(self, daemon: str, old: int, timeout: float = 15) -> int:
+        """Wait until run/<daemon>.pid names a live process other than `old`."""
+        def new_pid() -> int | None:
+            pid = read_pid(self.run_dir / f"{daemon}.pid")
+            return pid if pid and pid != old and pid_alive(pid) else None
+        return wait_until(new_pid, timeout, f"a restarted {daemon} (old pid {old})")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        tail = "\n".join(self.log().splitlines()[-lines:])
+        return f"---- last {lines} lines of {self.log_path} ----\n{tail}\n----"
+
+    # ---- SMTP and mailboxes ----------------------------------------------
+
+    def smtp(self) -> smtplib.SMTP:
+        return smtplib.SMTP(LOCALHOST, self.smtp_port, local_hostname=CLIENT_NAME,
+                            timeout=15)
+
+    def raw(self) -> RawSMTP:
+        """A RawSMTP connection whose greeting has been read."""
+        conn = RawSMTP(self.smtp_port)
+        conn.greeting()
+        return conn
+
+    def send(self, to: str | list[str], message: bytes | None = None,
+             sender: str = "sender@remote.test", **options: Any) -> bytes:
+        """Send `message` (default: a fresh one) with smtplib; assert that
+        every recipient was accepted. Returns the message."""
+        recipients = [to] if isinstance(to, str) else to
+        if not all(a.isascii() for a in [sender, *recipients]):
+            options.setdefault("mail_options", ["SMTPUTF8", "BODY=8BITMIME"])
+        if message is None:
+            message = make_message(f"test {uuid.uuid4().hex}", to=recipients[0])
+        with self.smtp() as s:
+            refused = s.sendmail(sender, recipients, message, **options)
+        assert refused == {}, f"refused recipients: {refused}"
+        return message
+
+    def maildir(self, addr: str) -> Path:
+        local, _, domain = addr.rpartition("@")
+        return self.mail_root / domain.lower() / local.lower()
+
+    def messages(self, addr: str) -> list[Path]:
+        new = self.maildir(addr) / "new"
+        return sorted(new.iterdir()) if new.is_dir() else []
+
+    def wait_for_messages(self, addr: str, n: int, timeout: float = 20) -> list[Path]:
+        def enough() -> list[Path] | None:
+            found = self.messages(addr)
+            return found if len(found) >= n else None
+        try:
+            return wait_until(enough, timeout, f"{n} message(s) in {self.maildir(addr)}/new")
+        except AssertionError as e:
+            raise AssertionError(
+                f"{e}; found {len(self.messages(addr))}\n{self.log_tail()}") from None
+
+    @staticmethod
+    def read_message(path: Path) -> bytes:
+        return path.read_bytes()
+
+    def settle(self, addr: str) -> list[Path]:
+        """Send a marker message to `addr` and wait for it, so anything
+        queued before has had its turn; return the other messages."""
+        subject = f"settle-marker-{uuid.uuid4().hex}"
+        self.send(addr, make_message(subject, to=addr))
+
+        def marker_seen() -> bool:
+            return any(header(p.read_bytes(), "Subject") == subject for p in self.messages(addr))
+        wait_until(marker_seen, 20, f"the marker message in {self.maildir(addr)}")
+        time.sleep(0.5)   # concurrent deliveries may finish out of order
+        return [p for p in self.messages(addr)
+                if header(p.read_bytes(), "Subject") != subject]
+
+
+# --------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    """Keep each phase's report on the item so fixtures can see failures."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+def _test_failed(node: pytest.Item) -> bool:
+    return any(getattr(getattr(node, f"rep_{phase}", None), "failed", False)
+               for phase in ("setup", "call"))
+
+
+@pytest.fixture
+def make_mailsrv(tmp_path: Path, request: pytest.FixtureRequest):
+    """Factory: make_mailsrv(config={"smtpd.max_errors": 3}, start=True)
+    initialises an installation, applies the config values before the
+    first start, and (by default) starts it."""
+    if not MAILCTL.is_file():
+        pytest.fail(f"{MAILCTL} not found: build with `cargo build --workspace` "
+                    "or set MAILSRV_BIN_DIR")
+    made: list[Mailsrv] = []
+
+    def make(config: dict[str, Any] | None = None, start: bool = True) -> Mailsrv:
+        srv = Mailsrv(tmp_path / f"inst{len(made)}", free_port_base())
+        made.append(srv)
+        srv.init()
+        for key, value in (config or {}).items():
+            srv.set_config(key, value)
+        if start:
+            srv.start()
+        return srv
+
+    try:
+        yield make
+    finally:
+        for srv in made:
+            try:
+                srv.close()
+            finally:
+                if _test_failed(request.node):
+                    print(srv.log_tail(), file=sys.stderr)
+
+
+@pytest.fixture
+def mailsrv(make_mailsrv) -> Mailsrv:
+    """A fresh, running installation serving example.test."""
+    return make_mailsrv()
+
+
+@pytest.fixture
+def installation(make_mailsrv) -> Mailsrv:
+    """A fresh installation that is not started."""
+    return make_mailsrv(start=False)
