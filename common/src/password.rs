@@ -134,6 +134,29 @@ mod tests {
         assert!(verify_password(bare, "secret").unwrap());
     }
 
+    /// Made by Dovecot 2.3's `doveadm pw -s <SCHEME> -p 'dovecot secret'`.
+    const DOVEADM: [&str; 5] = [
+        "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$TCntwAnoaf7MhCENASBORw$0K7RSbEcOMrM6W6+uWwO8hWSRPvJ9tQrauxvu8DL6Zc",
+        "{ARGON2I}$argon2i$v=19$m=32768,t=4,p=1$WgjmP5pwL0hpsEfooMUIgQ$LBwB1M2zbRKOZLOPjKt14fJB/j8NGj+3jRsS0MsBpNs",
+        "{SHA512-CRYPT}$6$RNxocVGa4Zu84AnG$2UULxXCZ7nxc0uGY7164mxBEJagHNobvALIP5qxJQYf4tBtOppQrxnFAbs4sKXtl/ybddu/NsyXmwS0nTBq8d/",
+        "{SHA256-CRYPT}$5$kd7T/blnNghEc21k$Y6iF2srRKarasrAMyJ3dJ3TBByqSC.9XX8JSJQOuab8",
+        "{BLF-CRYPT}$2y$05$AGvWzS5dj4vKX8CvRQlzDeoV/uL4LxMXPrN2VBScuD8mHgHqcf7AW",
+    ];
+
+    #[test]
+    fn hashes_made_by_doveadm_verify() {
+        for stored in DOVEADM {
+            assert!(
+                verify_password(stored, "dovecot secret").unwrap(),
+                "{stored}"
+            );
+            assert!(
+                !verify_password(stored, "dovecot secreT").unwrap(),
+                "{stored}"
+            );
+        }
+    }
+
     #[test]
     fn unknown_or_broken_schemes_are_errors() {
         assert!(matches!(
