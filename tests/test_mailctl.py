@@ -62,7 +62,7 @@ def test_check_reports_pipe_alias_with_line(installation):
     text = aliases.read_text()
     if text and not text.endswith("\n"):
         text += "\n"
-    text += "postmaster: alice\n# a comment\nbackup: |/usr/bin/backup\n"
+    text += "\n# a comment\nbackup: |/usr/bin/backup\n"
     aliases.write_text(text)
     assert_check_error(installation, aliases, len(text.splitlines()))
 
