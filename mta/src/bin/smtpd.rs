@@ -26,6 +26,9 @@ async fn run() -> anyhow::Result<()> {
     let (config_path, config) = daemon::start("smtpd")?;
     let mut signals = Signals::install()?;
     let directory = DirectoryCache::new(&config).context("loading users, aliases and domains")?;
+    common::spool::Spool::new(&config.paths.spool)
+        .create_dirs()
+        .with_context(|| format!("creating the spool in {}", config.paths.spool.display()))?;
     let mut listeners = Vec::new();
     for addr in &config.smtpd.listen {
         let l = common::net::bind_listener(*addr)
