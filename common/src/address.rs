@@ -108,8 +108,13 @@ pub fn normalize_domain(domain: &str) -> Option<String> {
     if domain.is_empty() || domain.len() > MAX_DOMAIN_LEN {
         return None;
     }
-    if domain.starts_with('[') {
-        return domain.ends_with(']').then(|| domain.to_string());
+    if let Some(literal) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
+        // RFC 5321 4.1.3 address literals: [192.0.2.1] or [IPv6:2001:db8::1].
+        let valid = match literal.strip_prefix("IPv6:") {
+            Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => literal.parse::<std::net::Ipv4Addr>().is_ok(),
+        };
+        return valid.then(|| domain.to_string());
     }
     let ok = domain.split('.').all(|label| {
         !label.is_empty()
@@ -143,6 +148,9 @@ mod tests {
         assert_eq!(Address::parse("a@-x.org"), Err(AddressError::BadDomain));
         assert_eq!(Address::parse("a@x..org"), Err(AddressError::BadDomain));
         assert_eq!(Address::parse("a b@x.org"), Err(AddressError::BadCharacter));
+        assert_eq!(Address::parse("a@[../x]"), Err(AddressError::BadDomain));
+        assert!(Address::parse("a@[192.0.2.1]").is_ok());
+        assert!(Address::parse("a@[IPv6:2001:db8::1]").is_ok());
         assert_eq!(
             Address::parse(&format!("{}@x.org", "a".repeat(65))),
             Err(AddressError::LocalTooLong)

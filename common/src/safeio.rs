@@ -65,29 +65,28 @@ pub struct LockGuard {
 
 /// Block until the exclusive lock on `path` (created if missing) is ours.
 pub fn lock_exclusive(path: &Path) -> io::Result<LockGuard> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)?;
+    let file = open_lock_file(path)?;
     file.lock()?;
     Ok(LockGuard { _file: file })
 }
 
 /// Take the exclusive lock on `path` if nobody holds it; `None` if taken.
 pub fn try_lock_exclusive(path: &Path) -> io::Result<Option<LockGuard>> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)?;
+    let file = open_lock_file(path)?;
     match file.try_lock() {
         Ok(()) => Ok(Some(LockGuard { _file: file })),
         Err(std::fs::TryLockError::WouldBlock) => Ok(None),
         Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
+}
+
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
 }
 
 fn temp_sibling(path: &Path) -> PathBuf {

@@ -70,6 +70,7 @@ impl UserDb {
     /// Add `address` with a new hash of `password` to the file at `path`.
     pub fn add(path: &Path, address: &Address, password: &str) -> Result<(), TableError> {
         let name = address.key();
+        maildir_path(Path::new(""), address)?;
         let line = format!("{name}:{}::::::", password::hash_password(password));
         textdb::update(path, USERDB_MODE, |text| {
             let db = Self::parse(text, path)?;
@@ -149,12 +150,20 @@ fn parse_line(line: &str) -> Result<UserEntry, String> {
     })
 }
 
-/// Where a user's data lives, derived from the config; kept here so every
-/// program agrees.
-pub fn maildir_path(mail_root: &Path, address: &Address) -> PathBuf {
-    mail_root
-        .join(address.domain())
-        .join(address.local().to_lowercase())
+/// Where a user's Maildir lives: `<mail_root>/<domain>/<local part>/`,
+/// lower-cased. Names that could leave that directory (a `/`, a leading
+/// `.`, NUL) have no Maildir, whatever the user database says.
+pub fn maildir_path(mail_root: &Path, address: &Address) -> Result<PathBuf, TableError> {
+    let local = address.local().to_lowercase();
+    let domain = address.domain();
+    for part in [local.as_str(), domain] {
+        if part.is_empty() || part.starts_with('.') || part.contains(['/', '\0']) {
+            return Err(TableError::Refused(format!(
+                "`{address}` cannot be a mailbox: its name is not usable as a directory name"
+            )));
+        }
+    }
+    Ok(mail_root.join(domain).join(local))
 }
 
 #[cfg(test)]
@@ -168,6 +177,10 @@ mod tests {
         let a = Address::parse("Alice@Example.org").unwrap();
         UserDb::add(&p, &a, "pw1").unwrap();
         assert!(UserDb::add(&p, &a, "again").is_err());
+        for bad in ["a/../../x@example.org", ".hidden@example.org"] {
+            let e = UserDb::add(&p, &Address::parse(bad).unwrap(), "pw");
+            assert!(matches!(e, Err(TableError::Refused(_))), "{bad}");
+        }
         let db = UserDb::load(&p).unwrap();
         assert!(db.exists(&a));
         assert!(db.authenticate("alice@example.org", "pw1"));

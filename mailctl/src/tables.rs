@@ -77,7 +77,7 @@ pub fn user(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
             }
             let password = read_password(&format!("Password for {address}: "))?;
             UserDb::add(path, &address, &password)?;
-            let maildir = maildir_path(&config.paths.mail_root, &address);
+            let maildir = maildir_path(&config.paths.mail_root, &address)?;
             create_mailbox(&maildir).with_context(|| format!("creating {}", maildir.display()))?;
             println!("added {} (Maildir {})", address.key(), maildir.display());
         }

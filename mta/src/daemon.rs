@@ -29,6 +29,33 @@ pub fn load_config(path: &Path) -> anyhow::Result<Config> {
     Config::load(path).map_err(anyhow::Error::from)
 }
 
+/// The whole `main` of a daemon: run `body` on a tokio runtime with
+/// `threads` worker threads (0: one per core) and turn its error into a
+/// message on stderr and exit status 1.
+pub fn main<F>(program: &str, threads: usize, body: F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{program}: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(body) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Parse the command line, load the config and start logging as `program`.
 pub fn start(program: &'static str) -> anyhow::Result<(PathBuf, Config)> {
     let args = DaemonArgs::parse();

@@ -5,18 +5,7 @@ use common::safeio::{try_lock_exclusive, write_atomic};
 use mailsrv_mta::{daemon, supervisor};
 
 fn main() -> std::process::ExitCode {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    match runtime.block_on(run()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("master: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    daemon::main("master", 1, run())
 }
 
 async fn run() -> anyhow::Result<()> {

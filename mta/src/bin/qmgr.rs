@@ -5,17 +5,7 @@ use common::safeio::try_lock_exclusive;
 use mailsrv_mta::daemon::{self, SignalEvent, Signals};
 
 fn main() -> std::process::ExitCode {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    match runtime.block_on(run()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("qmgr: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    daemon::main("qmgr", 0, run())
 }
 
 async fn run() -> anyhow::Result<()> {

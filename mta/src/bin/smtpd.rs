@@ -9,17 +9,7 @@ use mailsrv_mta::smtp::server::Server;
 use tokio::net::TcpListener;
 
 fn main() -> std::process::ExitCode {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    match runtime.block_on(run()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("smtpd: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    daemon::main("smtpd", 0, run())
 }
 
 async fn run() -> anyhow::Result<()> {

@@ -196,7 +196,7 @@ fn deliver_local(
 ) -> std::io::Result<std::path::PathBuf> {
     let file = File::open(ctx.spool.data_path(id))?;
     let headers = format!("Return-Path: <{sender}>\nDelivered-To: {mailbox}\n");
-    let target = maildir_path(&ctx.mail_root, mailbox);
+    let target = maildir_path(&ctx.mail_root, mailbox).map_err(std::io::Error::other)?;
     let delivered = maildir::deliver(
         &target,
         &ctx.hostname,
