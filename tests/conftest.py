@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mailtest import (  # noqa: E402
     CLIENT_NAME, LOCALHOST, RawSMTP, bindable, greets, header, make_message,
-    pid_alive, process_mentions, read_pid, wait_until,
+    pid_alive, process_mentions, queued_id, read_pid, wait_until,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,6 +43,12 @@ DOMAIN = "example.test"
 DAEMONS = ("master", "smtpd", "qmgr")
 # smtpd listens on P+25; the others are reserved for later services.
 PORT_OFFSETS = (25, 587, 465, 143, 993, 110, 995)
+
+# The spool's subdirectories (ARCHITECTURE.md), data/ first: a message file
+# is written before its envelope and removed after it, so listing data/
+# first never misses an entry that moves between the others meanwhile.
+SPOOL_DIRS = ("data", "tmp", "incoming", "active", "deferred", "hold", "corrupt",
+              "maildrop")
 
 START_TIMEOUT = 20
 STOP_TIMEOUT = 15
@@ -127,16 +133,23 @@ def run_mailctl(args: list[str], input: str | None = None, check: bool = True,
 
 
 class Mailsrv:
-    """One mailsrv installation in `root`, optionally running."""
+    """One mailsrv installation in `root`, optionally running.
 
-    def __init__(self, root: Path, port_base: int):
+    With `spool_tmpfs` (a tmpfs size such as "300k") the supervisor runs in
+    its own user+mount namespace (no root needed) with a tmpfs of that size
+    mounted on the spool directory; only processes in that namespace see
+    it, so the tests look at it through /proc/<pid>/root (`spool_view`)."""
+
+    def __init__(self, root: Path, port_base: int, spool_tmpfs: str | None = None):
         self.root = root
+        self.spool_tmpfs = spool_tmpfs
         self.port_base = port_base
         self.smtp_port = port_base + 25
         self.config_path = root / "mailsrv.toml"
         self.log_path = root / "test-daemon.log"
         self.run_dir = root / "run"
         self.mail_root = root / "mail"
+        self.spool_dir = root / "spool"
         self.hostname = HOSTNAME
         self.domain = DOMAIN
         self.proc: subprocess.Popen | None = None
@@ -175,12 +188,23 @@ class Mailsrv:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def start_command(self) -> list[str]:
+        """`mailctl start --foreground`, wrapped in unshare + mount when the
+        spool is to be a tmpfs. Every wrapper execs, so the pid we start
+        stays the supervisor's."""
+        command = [str(MAILCTL), "-c", str(self.config_path), "start", "--foreground"]
+        if self.spool_tmpfs is None:
+            return command
+        script = 'mount -t tmpfs -o "size=$1" tmpfs "$2" && shift 2 && exec "$@"'
+        return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script,
+                "sh", self.spool_tmpfs, str(self.spool_dir), *command]
+
     def start(self) -> None:
         """`mailctl start --foreground` in a new session; wait for port 25."""
         assert not self.running, "already running"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(MAILCTL), "-c", str(self.config_path), "start", "--foreground"],
+                self.start_command(),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
@@ -275,7 +299,52 @@ class Mailsrv:
         tail = "\n".join(self.log().splitlines()[-lines:])
         return f"---- last {lines} lines of {self.log_path} ----\n{tail}\n----"
 
+    # ---- the spool -------------------------------------------------------
+
+    def spool_view(self) -> Path:
+        """The spool directory as the daemons see it."""
+        if self.spool_tmpfs is None:
+            return self.spool_dir
+        assert self.running, "the tmpfs spool exists only while mailsrv runs"
+        return Path(f"/proc/{self.proc.pid}/root") / self.spool_dir.relative_to("/")
+
+    def spool_files(self) -> dict[str, list[str]]:
+        """{subdirectory: file names} for every non-empty spool subdirectory."""
+        view = self.spool_view()
+        found = {}
+        for sub in SPOOL_DIRS:
+            try:
+                names = sorted(os.listdir(view / sub))
+            except FileNotFoundError:
+                names = []
+            if names:
+                found[sub] = names
+        return found
+
+    def wait_spool_empty(self, timeout: float = 20) -> None:
+        """Wait until no spool subdirectory holds a file (every message done)."""
+        try:
+            wait_until(lambda: not self.spool_files(), timeout, "an empty spool")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; left: {self.spool_files()}\n{self.log_tail()}") from None
+
     # ---- SMTP and mailboxes ----------------------------------------------
+
+    def submit(self, to: str, message: bytes, sender: str = "sender@remote.test") -> str:
+        """One transaction over a raw connection (EHLO, MAIL, RCPT, DATA),
+        asserting each reply; returns the queue id of the 250."""
+        with self.raw() as conn:
+            conn.ehlo()
+            conn.expect(f"MAIL FROM:<{sender}>", 250)
+            conn.expect(f"RCPT TO:<{to}>", 250)
+            lines = RawSMTP.check_reply(conn.data(message), 250, "2.0.0", "end of data")
+            conn.command("QUIT")
+            return queued_id(lines)
+
+    def delivered_files(self) -> list[Path]:
+        """Every file in any mailbox's new/ or cur/ (all domains and users)."""
+        return sorted(p for p in self.mail_root.glob("*/*/*/*")
+                      if p.parent.name in ("new", "cur") and p.is_file())
 
     def smtp(self) -> smtplib.SMTP:
         return smtplib.SMTP(LOCALHOST, self.smtp_port, local_hostname=CLIENT_NAME,
@@ -356,16 +425,18 @@ def _test_failed(node: pytest.Item) -> bool:
 
 @pytest.fixture
 def make_mailsrv(tmp_path: Path, request: pytest.FixtureRequest):
-    """Factory: make_mailsrv(config={"smtpd.max_errors": 3}, start=True)
-    initialises an installation, applies the config values before the
-    first start, and (by default) starts it."""
+    """Factory: make_mailsrv(config={"smtpd.max_errors": 3}, start=True,
+    spool_tmpfs=None) initialises an installation, applies the config values
+    before the first start, and (by default) starts it; spool_tmpfs="300k"
+    runs it with a tmpfs of that size on its spool (see Mailsrv)."""
     if not MAILCTL.is_file():
         pytest.fail(f"{MAILCTL} not found: build with `cargo build --workspace` "
                     "or set MAILSRV_BIN_DIR")
     made: list[Mailsrv] = []
 
-    def make(config: dict[str, Any] | None = None, start: bool = True) -> Mailsrv:
-        srv = Mailsrv(tmp_path / f"inst{len(made)}", free_port_base())
+    def make(config: dict[str, Any] | None = None, start: bool = True,
+             spool_tmpfs: str | None = None) -> Mailsrv:
+        srv = Mailsrv(tmp_path / f"inst{len(made)}", free_port_base(), spool_tmpfs)
         made.append(srv)
         srv.init()
         for key, value in (config or {}).items():

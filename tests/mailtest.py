@@ -9,6 +9,8 @@ from __future__ import annotations
 import email.utils
 import re
 import socket
+import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -71,6 +73,30 @@ def greets(port: int, timeout: float = 2.0) -> bool:
             return False
     except OSError:
         return False
+
+
+_userns_tmpfs: tuple[bool, str] | None = None
+
+
+def userns_tmpfs_available() -> tuple[bool, str]:
+    """Whether an unprivileged user can mount a tmpfs in a new user+mount
+    namespace here (`unshare --user --map-root-user --mount`); with the
+    reason when not."""
+    global _userns_tmpfs
+    if _userns_tmpfs is None:
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                proc = subprocess.run(
+                    ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                     'mount -t tmpfs -o size=64k tmpfs "$1"', "sh", d],
+                    stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+            _userns_tmpfs = (proc.returncode == 0,
+                             f"`unshare --user --map-root-user --mount` + tmpfs mount "
+                             f"exited {proc.returncode}: "
+                             f"{proc.stderr.decode(errors='replace').strip()}")
+        except (OSError, subprocess.SubprocessError) as e:
+            _userns_tmpfs = (False, f"cannot run unshare: {e}")
+    return _userns_tmpfs
 
 
 def port_closed(port: int) -> bool:
