@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use clap::Parser;
-use common::config::Config;
+
+use crate::config::{Config, ConfigError};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
@@ -25,16 +25,17 @@ impl DaemonArgs {
 }
 
 /// Load the config or explain why not.
-pub fn load_config(path: &Path) -> anyhow::Result<Config> {
-    Config::load(path).map_err(anyhow::Error::from)
+pub fn load_config(path: &Path) -> Result<Config, ConfigError> {
+    Config::load(path)
 }
 
 /// The whole `main` of a daemon: run `body` on a tokio runtime with
 /// `threads` worker threads (0: one per core) and turn its error into a
 /// message on stderr and exit status 1.
-pub fn main<F>(program: &str, threads: usize, body: F) -> std::process::ExitCode
+pub fn main<F, E>(program: &str, threads: usize, body: F) -> std::process::ExitCode
 where
-    F: std::future::Future<Output = anyhow::Result<()>>,
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
 {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if threads > 0 {
@@ -50,6 +51,7 @@ where
     match runtime.block_on(body) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            // The alternate form of anyhow's errors shows the context chain.
             eprintln!("{program}: {e:#}");
             std::process::ExitCode::FAILURE
         }
@@ -57,11 +59,11 @@ where
 }
 
 /// Parse the command line, load the config and start logging as `program`.
-pub fn start(program: &'static str) -> anyhow::Result<(PathBuf, Config)> {
+pub fn start(program: &'static str) -> Result<(PathBuf, Config), ConfigError> {
     let args = DaemonArgs::parse();
     let path = args.config_path();
     let config = load_config(&path)?;
-    common::logging::init(program, &config.log.level);
+    crate::logging::init(program, &config.log.level);
     Ok((path, config))
 }
 
@@ -83,11 +85,11 @@ pub enum SignalEvent {
 
 impl Signals {
     /// Install the handlers (inside a tokio runtime).
-    pub fn install() -> anyhow::Result<Signals> {
+    pub fn install() -> std::io::Result<Signals> {
         Ok(Signals {
-            term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
-            int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
-            hup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 

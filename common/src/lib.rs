@@ -5,6 +5,7 @@
 pub mod address;
 pub mod aliases;
 pub mod config;
+pub mod daemon;
 pub mod domains;
 pub mod logging;
 pub mod maildir;
@@ -15,4 +16,5 @@ pub mod recipients;
 pub mod safeio;
 pub mod spool;
 pub mod textdb;
+pub mod tls;
 pub mod userdb;

@@ -1,7 +1,6 @@
 //! The mail transfer agent: `smtpd` (receiver), `qmgr` (queue manager and
 //! local delivery) and `master` (the supervisor).
 
-pub mod daemon;
 pub mod qmgr;
 pub mod smtp;
 pub mod supervisor;

@@ -10,7 +10,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
-use crate::daemon::{SignalEvent, Signals};
+use common::daemon::{SignalEvent, Signals};
 
 /// The daemons the supervisor runs.
 pub const DAEMONS: [&str; 2] = ["smtpd", "qmgr"];

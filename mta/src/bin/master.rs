@@ -1,8 +1,9 @@
 //! master: the mailsrv supervisor. See master(8).
 
 use anyhow::Context;
+use common::daemon;
 use common::safeio::{try_lock_exclusive, write_atomic};
-use mailsrv_mta::{daemon, supervisor};
+use mailsrv_mta::supervisor;
 
 fn main() -> std::process::ExitCode {
     daemon::main("master", 1, run())

@@ -1,8 +1,8 @@
 //! qmgr: the queue manager and local delivery agent. See qmgr(8).
 
 use anyhow::Context;
+use common::daemon::{self, SignalEvent, Signals};
 use common::safeio::try_lock_exclusive;
-use mailsrv_mta::daemon::{self, SignalEvent, Signals};
 
 fn main() -> std::process::ExitCode {
     daemon::main("qmgr", 0, run())

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use common::daemon::{self, SignalEvent, Signals};
 use common::recipients::DirectoryCache;
-use mailsrv_mta::daemon::{self, SignalEvent, Signals};
 use mailsrv_mta::smtp::server::Server;
 use tokio::net::TcpListener;
 

@@ -1,0 +1,3 @@
+//! maildird: the POP3 (and, to come, IMAP) server over the Maildirs.
+
+pub mod pop3;
