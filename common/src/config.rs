@@ -55,6 +55,9 @@ pub struct Config {
     pub addresses: AddressConfig,
     /// TLS certificate and key.
     pub tls: TlsConfig,
+    /// The POP3 (and later IMAP) server.
+    #[serde(default)]
+    pub maildird: MaildirdConfig,
 }
 
 /// Where state lives. Relative paths are taken relative to the directory of
@@ -242,6 +245,72 @@ fn default_recipient_delimiter() -> String {
     "+".into()
 }
 
+/// The mail access daemon's settings.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MaildirdConfig {
+    /// POP3 listeners with STLS (RFC 1939, RFC 2595), usually port 110.
+    #[serde(default)]
+    pub pop3_listen: Vec<SocketAddr>,
+    /// POP3 listeners with implicit TLS (RFC 8314), usually port 995.
+    #[serde(default)]
+    pub pop3s_listen: Vec<SocketAddr>,
+    /// Allow USER/PASS and AUTH before TLS. Off: passwords never cross the
+    /// network in clear.
+    #[serde(default)]
+    pub allow_plaintext_auth: bool,
+    /// Limits shared by the protocols.
+    #[serde(default)]
+    pub limits: AccessLimits,
+}
+
+/// Connection and login limits of maildird.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLimits {
+    /// Most simultaneous sessions.
+    #[serde(default = "default_access_max_connections")]
+    pub max_connections: usize,
+    /// Most simultaneous sessions from one client address.
+    #[serde(default = "default_max_connections_per_client")]
+    pub max_connections_per_client: usize,
+    /// Seconds a session may wait for a command (RFC 1939 3: at least 600).
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: u64,
+    /// Failed logins from one address within `auth_failure_window` before
+    /// further logins from it are refused until the window passes.
+    #[serde(default = "default_max_auth_failures")]
+    pub max_auth_failures: u32,
+    /// Seconds over which failed logins are counted.
+    #[serde(default = "default_auth_failure_window")]
+    pub auth_failure_window: u64,
+}
+
+impl Default for AccessLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: default_access_max_connections(),
+            max_connections_per_client: default_max_connections_per_client(),
+            idle_timeout: default_idle_timeout(),
+            max_auth_failures: default_max_auth_failures(),
+            auth_failure_window: default_auth_failure_window(),
+        }
+    }
+}
+
+fn default_access_max_connections() -> usize {
+    1000
+}
+fn default_idle_timeout() -> u64 {
+    600
+}
+fn default_max_auth_failures() -> u32 {
+    10
+}
+fn default_auth_failure_window() -> u64 {
+    300
+}
+
 /// TLS material.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -396,7 +465,32 @@ impl Config {
             ("smtpd.data_timeout", self.smtpd.data_timeout),
             ("smtpd.session_timeout", self.smtpd.session_timeout),
         ];
-        if let Some((key, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
+        let access = &self.maildird.limits;
+        let at_least_one = at_least_one.into_iter().chain([
+            (
+                "maildird.limits.max_connections",
+                access.max_connections as u64,
+            ),
+            (
+                "maildird.limits.max_connections_per_client",
+                access.max_connections_per_client as u64,
+            ),
+            (
+                "maildird.limits.max_auth_failures",
+                u64::from(access.max_auth_failures),
+            ),
+            (
+                "maildird.limits.auth_failure_window",
+                access.auth_failure_window,
+            ),
+        ]);
+        if access.idle_timeout < 600 {
+            return fail(
+                "maildird.limits.idle_timeout",
+                "must be at least 600 (RFC 1939 section 3)",
+            );
+        }
+        if let Some((key, _)) = at_least_one.into_iter().find(|(_, v)| *v == 0) {
             return fail(key, "must be at least 1");
         }
         if self.qmgr.delivery_concurrency == 0 {

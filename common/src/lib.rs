@@ -16,5 +16,6 @@ pub mod recipients;
 pub mod safeio;
 pub mod spool;
 pub mod textdb;
+pub mod throttle;
 pub mod tls;
 pub mod userdb;

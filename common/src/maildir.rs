@@ -103,7 +103,8 @@ pub fn deliver(
 }
 
 /// Write headers + CRLF-to-LF converted message, fsync; returns bytes
-/// written and the number of LFs (for the CRLF size).
+/// written and the number of LFs not preceded by CR (so that W= is the
+/// size once each such LF becomes CRLF, as IMAP and POP3 send it).
 fn write_converted(file: File, headers: &[u8], mut message: impl Read) -> io::Result<(u64, u64)> {
     let mut out = BufWriter::with_capacity(64 * 1024, file);
     out.write_all(headers)?;
@@ -111,6 +112,9 @@ fn write_converted(file: File, headers: &[u8], mut message: impl Read) -> io::Re
     let mut lines = headers.iter().filter(|&&b| b == b'\n').count() as u64;
     let mut buf = vec![0u8; 64 * 1024];
     let mut pending_cr = false;
+    // The last byte written, so W= counts only the LFs that a reader
+    // turns into CRLF (those not already preceded by CR).
+    let mut last = b'\n';
     let mut converted = Vec::with_capacity(buf.len() + 1);
     loop {
         let n = message.read(&mut buf)?;
@@ -123,16 +127,18 @@ fn write_converted(file: File, headers: &[u8], mut message: impl Read) -> io::Re
                 pending_cr = false;
                 if b != b'\n' {
                     converted.push(b'\r');
+                    last = b'\r';
                 }
             }
             if b == b'\r' {
                 pending_cr = true;
                 continue;
             }
-            if b == b'\n' {
+            if b == b'\n' && last != b'\r' {
                 lines += 1;
             }
             converted.push(b);
+            last = b;
         }
         out.write_all(&converted)?;
         size += converted.len() as u64;
@@ -225,6 +231,17 @@ mod tests {
         let d = deliver(dir.path(), "h", b"", body.as_slice()).unwrap();
         let content = std::fs::read(&d.path).unwrap();
         assert_eq!(&content[content.len() - 6..], b"x\nend\r");
+    }
+
+    #[test]
+    fn w_size_counts_only_lfs_without_cr() {
+        let dir = tempfile::tempdir().unwrap();
+        // "\r\r\n" keeps one CR before the LF: that LF needs no CR added.
+        let d = deliver(dir.path(), "h", b"", &b"a\r\r\nb\r\n"[..]).unwrap();
+        let content = std::fs::read(&d.path).unwrap();
+        assert_eq!(content, b"a\r\nb\n");
+        let name = d.path.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.ends_with(",S=5,W=6"), "{name}");
     }
 
     #[test]

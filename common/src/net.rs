@@ -1,8 +1,11 @@
 //! Listening sockets, made the same way by every daemon.
 
-use std::net::{SocketAddr, TcpListener};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::sync::Mutex;
 
 use socket2::{Domain, Socket, Type};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
 /// Pending connections the kernel may hold for us.
 const BACKLOG: i32 = 1024;
@@ -22,9 +25,154 @@ pub fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(socket.into())
 }
 
+/// A line read by [`read_line`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Line {
+    /// A whole line, through its LF, is in the buffer.
+    Complete,
+    /// The line was longer than allowed; it was consumed and dropped.
+    TooLong,
+    /// The peer closed the connection.
+    Eof,
+}
+
+/// Read one line (through LF) into `line`, keeping at most `max` bytes so
+/// no client can make us buffer more.
+pub async fn read_line<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    line: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Line> {
+    line.clear();
+    let mut too_long = false;
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(Line::Eof);
+        }
+        let (chunk, done) = match memchr::memchr(b'\n', buf) {
+            Some(i) => (&buf[..=i], true),
+            None => (buf, false),
+        };
+        let n = chunk.len();
+        if !too_long && line.len() + n <= max {
+            line.extend_from_slice(chunk);
+        } else {
+            too_long = true;
+        }
+        reader.consume(n);
+        if done {
+            return Ok(if too_long {
+                Line::TooLong
+            } else {
+                Line::Complete
+            });
+        }
+    }
+}
+
+/// Counts open sessions overall and per client address.
+#[derive(Default)]
+pub struct ConnectionLimiter {
+    per_client: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `max_total` sessions are open.
+    Total,
+    /// `max_per_client` sessions from this address are open.
+    PerClient,
+}
+
+/// A session's place, given back when dropped.
+pub struct ConnectionSlot<'a> {
+    limiter: &'a ConnectionLimiter,
+    ip: IpAddr,
+}
+
+impl ConnectionLimiter {
+    /// Admit a session from `ip` if both limits allow it.
+    pub fn admit(
+        &self,
+        ip: IpAddr,
+        max_total: usize,
+        max_per_client: usize,
+    ) -> Result<ConnectionSlot<'_>, Refusal> {
+        let mut map = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+        if map.values().sum::<usize>() >= max_total {
+            return Err(Refusal::Total);
+        }
+        let n = map.entry(ip).or_insert(0);
+        if *n >= max_per_client {
+            return Err(Refusal::PerClient);
+        }
+        *n += 1;
+        Ok(ConnectionSlot { limiter: self, ip })
+    }
+
+    /// Sessions open now.
+    pub fn active(&self) -> usize {
+        self.per_client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .sum()
+    }
+}
+
+impl Drop for ConnectionSlot<'_> {
+    fn drop(&mut self) {
+        let mut map = self
+            .limiter
+            .per_client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limiter_counts_per_client_and_total() {
+        let l = ConnectionLimiter::default();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let s1 = l.admit(a, 3, 2).unwrap();
+        let _s2 = l.admit(a, 3, 2).unwrap();
+        assert_eq!(l.admit(a, 3, 2).err(), Some(Refusal::PerClient));
+        let _s3 = l.admit(b, 3, 2).unwrap();
+        assert_eq!(l.admit(b, 3, 2).err(), Some(Refusal::Total));
+        drop(s1);
+        assert_eq!(l.active(), 2);
+        assert!(l.admit(a, 3, 2).is_ok());
+    }
+
+    #[tokio::test]
+    async fn read_line_bounds_and_reports() {
+        let input: &[u8] = b"short\r\nthis line is too long\r\nlast";
+        let mut r = BufReader::new(input);
+        let mut line = Vec::new();
+        assert_eq!(
+            read_line(&mut r, &mut line, 10).await.unwrap(),
+            Line::Complete
+        );
+        assert_eq!(line, b"short\r\n");
+        assert_eq!(
+            read_line(&mut r, &mut line, 10).await.unwrap(),
+            Line::TooLong
+        );
+        assert_eq!(read_line(&mut r, &mut line, 10).await.unwrap(), Line::Eof);
+    }
 
     #[test]
     fn v4_and_v6_wildcards_coexist() {

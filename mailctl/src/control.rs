@@ -16,7 +16,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 /// The daemons whose pid files `status` reports.
-const DAEMONS: [&str; 3] = ["master", "smtpd", "qmgr"];
+const DAEMONS: [&str; 4] = ["master", "smtpd", "qmgr", "maildird"];
 
 /// How long `start` waits for the SMTP port, and `stop` for the exit.
 const START_WAIT: Duration = Duration::from_secs(20);

@@ -19,8 +19,8 @@ pub struct InitArgs {
     /// First served domain [default: the host name]
     #[arg(long)]
     domain: Option<String>,
-    /// Listen on 127.0.0.1 at P+25 (SMTP); P+587, P+465, P+143, P+993,
-    /// P+110 and P+995 are kept for submission, IMAP and POP3
+    /// Listen on 127.0.0.1 at P+25 (SMTP), P+110 (POP3) and P+995 (POP3S);
+    /// P+587, P+465, P+143 and P+993 are kept for submission and IMAP
     #[arg(long, default_value_t = 10000)]
     port_base: u16,
 }
@@ -38,13 +38,12 @@ pub fn run(args: &InitArgs) -> anyhow::Result<()> {
     let domain = args.domain.as_deref().unwrap_or(&args.hostname);
     let domain =
         normalize_domain(domain).with_context(|| format!("`{domain}` is not a domain name"))?;
-    let smtp_port = args
-        .port_base
-        .checked_add(995)
-        .map(|_| args.port_base + 25)
-        .context("--port-base is too high: P+995 must be a port number")?;
+    if args.port_base.checked_add(995).is_none() {
+        bail!("--port-base is too high: P+995 must be a port number");
+    }
+    let smtp_port = args.port_base + 25;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let text = config_text(&args.hostname, smtp_port);
+    let text = config_text(&args.hostname, args.port_base);
     // Check what we are about to write with the real parser.
     Config::parse(&text, &config_path).context("internal error: generated config is invalid")?;
     for sub in ["mail", "run", "log", "tls"] {
@@ -64,6 +63,8 @@ pub fn run(args: &InitArgs) -> anyhow::Result<()> {
     write_new(&config_path, &text, 0o644)?;
     println!("created {}", config_path.display());
     println!("  smtp      127.0.0.1:{smtp_port}");
+    println!("  pop3      127.0.0.1:{} (STLS)", args.port_base + 110);
+    println!("  pop3s     127.0.0.1:{}", args.port_base + 995);
     println!("  domain    {domain}");
     println!("  mail      {}", dir.join("mail").display());
     println!(
@@ -85,7 +86,10 @@ fn write_tls(dir: &Path, hostname: &str) -> anyhow::Result<()> {
     write_new(&dir.join("key.pem"), &cert.key_pair.serialize_pem(), 0o600)
 }
 
-fn config_text(hostname: &str, smtp_port: u16) -> String {
+fn config_text(hostname: &str, port_base: u16) -> String {
+    let smtp_port = port_base + 25;
+    let pop3_port = port_base + 110;
+    let pop3s_port = port_base + 995;
     format!(
         r#"# mailsrv configuration; every key is described in mailsrv.conf(5).
 # Relative paths are relative to this file's directory.
@@ -114,6 +118,11 @@ delivery_concurrency = 8
 
 [addresses]
 recipient_delimiter = "+"
+
+[maildird]
+pop3_listen = ["127.0.0.1:{pop3_port}"]
+pop3s_listen = ["127.0.0.1:{pop3s_port}"]
+allow_plaintext_auth = false
 
 [tls]
 cert = "tls/cert.pem"

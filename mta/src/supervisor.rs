@@ -13,7 +13,7 @@ use tokio::process::{Child, Command};
 use common::daemon::{SignalEvent, Signals};
 
 /// The daemons the supervisor runs.
-pub const DAEMONS: [&str; 2] = ["smtpd", "qmgr"];
+pub const DAEMONS: [&str; 3] = ["smtpd", "qmgr", "maildird"];
 
 /// Longest wait before restarting a daemon that keeps dying.
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);

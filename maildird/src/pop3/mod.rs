@@ -2,4 +2,6 @@
 //! command parser and session state machine.
 
 pub mod command;
+pub mod output;
+pub mod server;
 pub mod session;

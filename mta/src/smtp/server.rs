@@ -1,12 +1,12 @@
 //! The SMTP I/O loop: listeners, connection limits, timeouts, and the
 //! reading and writing around [`Session`].
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use common::config::Config;
+use common::net::{read_line, ConnectionLimiter, ConnectionSlot, Line, Refusal};
 use common::recipients::DirectoryCache;
 use common::spool::{ClientInfo, Envelope, Spool};
 use smtp_proto::Request;
@@ -46,36 +46,8 @@ pub struct Server {
     spool: Spool,
     directory: DirectoryCache,
     syncer: DirSyncer,
-    per_client: Mutex<HashMap<IpAddr, usize>>,
+    connections: ConnectionLimiter,
     shutdown: watch::Receiver<bool>,
-}
-
-/// Counts a connection for its client until dropped.
-struct ConnectionSlot<'a> {
-    server: &'a Server,
-    ip: IpAddr,
-}
-
-impl Drop for ConnectionSlot<'_> {
-    fn drop(&mut self) {
-        let mut map = self
-            .server
-            .per_client
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
-}
-
-enum Line {
-    Ok,
-    TooLong,
-    Eof,
 }
 
 impl Server {
@@ -91,7 +63,7 @@ impl Server {
             syncer: DirSyncer::spawn(spool.clone()),
             spool,
             directory,
-            per_client: Mutex::new(HashMap::new()),
+            connections: ConnectionLimiter::default(),
             shutdown,
         })
     }
@@ -104,11 +76,7 @@ impl Server {
 
     /// Sessions now open.
     pub fn active_sessions(&self) -> usize {
-        self.per_client
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .sum()
+        self.connections.active()
     }
 
     fn settings(&self) -> Arc<Settings> {
@@ -140,25 +108,15 @@ impl Server {
     }
 
     fn take_slot(&self, ip: IpAddr, settings: &Settings) -> Result<ConnectionSlot<'_>, Reply> {
-        let mut map = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
-        let total: usize = map.values().sum();
-        if total >= settings.config.smtpd.max_connections {
-            return Err(Reply::new(
-                421,
-                "4.3.2",
-                "Too many connections, try again later",
-            ));
-        }
-        let n = map.entry(ip).or_insert(0);
-        if *n >= settings.config.smtpd.max_connections_per_client {
-            return Err(Reply::new(
-                421,
-                "4.7.0",
-                "Too many connections from your address",
-            ));
-        }
-        *n += 1;
-        Ok(ConnectionSlot { server: self, ip })
+        let smtpd = &settings.config.smtpd;
+        self.connections
+            .admit(ip, smtpd.max_connections, smtpd.max_connections_per_client)
+            .map_err(|refusal| match refusal {
+                Refusal::Total => Reply::new(421, "4.3.2", "Too many connections, try again later"),
+                Refusal::PerClient => {
+                    Reply::new(421, "4.7.0", "Too many connections from your address")
+                }
+            })
     }
 
     async fn connection(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
@@ -226,7 +184,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> SessionIo<'_, R, W> {
                     .await;
             }
             let read = tokio::select! {
-                r = tokio::time::timeout(command_timeout, self.read_line(&mut line)) => r,
+                r = tokio::time::timeout(
+                    command_timeout,
+                    read_line(&mut self.reader, &mut line, self.settings.config.smtpd.max_line_length),
+                ) => r,
                 // Idle sessions end at once on shutdown; busy ones finish
                 // their command first.
                 _ = shutdown.changed() => continue,
@@ -240,7 +201,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> SessionIo<'_, R, W> {
                 Ok(Err(e)) => return Err(e),
                 Ok(Ok(Line::Eof)) => return Ok(()),
                 Ok(Ok(Line::TooLong)) => self.session.line_too_long(),
-                Ok(Ok(Line::Ok)) => {
+                Ok(Ok(Line::Complete)) => {
                     let (dir, stale) = self.server.directory.current();
                     if let Some(e) = stale {
                         tracing::error!("keeping previous tables: {e}");
@@ -282,34 +243,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> SessionIo<'_, R, W> {
         self.send(&reply).await?;
         self.writer.flush().await?;
         self.writer.shutdown().await
-    }
-
-    /// Read one line (through LF) into `line`, keeping at most
-    /// `max_line_length` bytes; a longer line is consumed and reported.
-    async fn read_line(&mut self, line: &mut Vec<u8>) -> std::io::Result<Line> {
-        let max = self.settings.config.smtpd.max_line_length;
-        line.clear();
-        let mut too_long = false;
-        loop {
-            let buf = self.reader.fill_buf().await?;
-            if buf.is_empty() {
-                return Ok(Line::Eof);
-            }
-            let (chunk, done) = match memchr::memchr(b'\n', buf) {
-                Some(i) => (&buf[..=i], true),
-                None => (buf, false),
-            };
-            let n = chunk.len();
-            if !too_long && line.len() + n <= max {
-                line.extend_from_slice(chunk);
-            } else {
-                too_long = true;
-            }
-            self.reader.consume(n);
-            if done {
-                return Ok(if too_long { Line::TooLong } else { Line::Ok });
-            }
-        }
     }
 
     fn envelope(&self, id: &str, size: u64) -> Envelope {

@@ -1,0 +1,74 @@
+//! maildird: the POP3 server over the Maildirs. See maildird(8).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use common::config::Config;
+use common::daemon::{self, SignalEvent, Signals};
+use common::recipients::DirectoryCache;
+use mailsrv_maildird::pop3::server::Pop3Server;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+fn main() -> std::process::ExitCode {
+    daemon::main("maildird", 0, run())
+}
+
+fn tls_acceptor(config: &Config) -> anyhow::Result<TlsAcceptor> {
+    let tls = common::tls::server_config(&config.tls.cert, &config.tls.key)?;
+    Ok(TlsAcceptor::from(tls))
+}
+
+fn bind(addrs: &[std::net::SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
+    addrs
+        .iter()
+        .map(|addr| {
+            common::net::bind_listener(*addr)
+                .and_then(TcpListener::from_std)
+                .with_context(|| format!("cannot listen on {addr}"))
+        })
+        .collect()
+}
+
+async fn run() -> anyhow::Result<()> {
+    let (config_path, config) = daemon::start("maildird")?;
+    let mut signals = Signals::install()?;
+    let directory = DirectoryCache::new(&config).context("loading users, aliases and domains")?;
+    let tls = tls_acceptor(&config)?;
+    let pop3 = bind(&config.maildird.pop3_listen)?;
+    let pop3s = bind(&config.maildird.pop3s_listen)?;
+    let listen: Vec<_> = config
+        .maildird
+        .pop3_listen
+        .iter()
+        .chain(&config.maildird.pop3s_listen)
+        .copied()
+        .collect();
+    let (stop_tx, stop_rx) = daemon::shutdown_channel();
+    let server = Pop3Server::new(config, Some(tls), directory, stop_rx);
+    for (listeners, implicit_tls) in [(pop3, false), (pop3s, true)] {
+        for l in listeners {
+            tokio::spawn(server.clone().serve(l, implicit_tls));
+        }
+    }
+    tracing::info!("listening on {listen:?}");
+    while signals.next().await == SignalEvent::Reload {
+        let reloaded = daemon::load_config(&config_path)
+            .map_err(anyhow::Error::from)
+            .and_then(|c| tls_acceptor(&c).map(|t| (c, t)));
+        match reloaded {
+            Ok((config, tls)) => {
+                server.reload(config, Some(tls));
+                tracing::info!("configuration and certificate reloaded");
+            }
+            Err(e) => tracing::error!("reload failed, keeping the old configuration: {e:#}"),
+        }
+    }
+    tracing::info!("stopping");
+    let _ = stop_tx.send(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while server.active_sessions() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! A user's INBOX as a POP3 maildrop: listed once at login, locked against
+//! a second POP3 session, changed only in the UPDATE state.
+
+use std::collections::HashSet;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use common::maildir::create_mailbox;
+use common::safeio::{sync_dir, try_lock_exclusive, LockGuard};
+
+use crate::pop3::session::MessageInfo;
+
+/// Lock file held by a POP3 session in TRANSACTION state.
+const LOCK_FILE: &str = "mailsrv-pop3.lock";
+
+/// Why a maildrop cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum MaildropError {
+    #[error("mailbox is locked by another POP3 session")]
+    Locked,
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// One message of the maildrop.
+#[derive(Debug, Clone)]
+pub struct DropMessage {
+    /// Where the file is now.
+    pub path: PathBuf,
+    /// The Maildir base name (before `:`), also the UIDL.
+    pub base: String,
+    /// Octets with CRLF line ends.
+    pub size: u64,
+}
+
+/// A locked, listed maildrop.
+pub struct Maildrop {
+    root: PathBuf,
+    messages: Vec<DropMessage>,
+    _lock: LockGuard,
+}
+
+impl Maildrop {
+    /// Lock and list the Maildir at `root` (created if missing).
+    pub fn open(root: &Path) -> Result<Maildrop, MaildropError> {
+        let io_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| MaildropError::Io { path, source }
+        };
+        create_mailbox(root).map_err(io_err(root))?;
+        let lock_path = root.join(LOCK_FILE);
+        let lock = try_lock_exclusive(&lock_path)
+            .map_err(io_err(&lock_path))?
+            .ok_or(MaildropError::Locked)?;
+        let mut messages = Vec::new();
+        for sub in ["new", "cur"] {
+            let dir = root.join(sub);
+            for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))?.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    continue;
+                }
+                let path = entry.path();
+                let size = match crlf_size(&name, &path) {
+                    Ok(size) => size,
+                    // Moved or removed by an IMAP session meanwhile.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_err(&path)(e)),
+                };
+                let base = name.split(':').next().unwrap_or(&name).to_string();
+                messages.push(DropMessage { path, base, size });
+            }
+        }
+        messages.sort_by(|a, b| a.base.cmp(&b.base));
+        Ok(Maildrop {
+            root: root.to_path_buf(),
+            messages,
+            _lock: lock,
+        })
+    }
+
+    /// The messages, in maildrop order.
+    pub fn messages(&self) -> &[DropMessage] {
+        &self.messages
+    }
+
+    /// What the session needs to know of each message.
+    pub fn infos(&self) -> Vec<MessageInfo> {
+        self.messages
+            .iter()
+            .map(|m| MessageInfo {
+                size: m.size,
+                uidl: uidl(&m.base),
+            })
+            .collect()
+    }
+
+    /// The UPDATE state (RFC 1939 section 6): remove `delete`, mark the
+    /// other `retrieved` messages Seen (moved to cur/ with the S flag).
+    /// Returns how many were removed.
+    pub fn update(self, delete: &[usize], retrieved: &[usize]) -> io::Result<usize> {
+        let delete: HashSet<usize> = delete.iter().copied().collect();
+        let mut removed = 0;
+        for &i in &delete {
+            if let Some(m) = self.messages.get(i) {
+                match std::fs::remove_file(&m.path) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        for &i in retrieved.iter().filter(|i| !delete.contains(i)) {
+            if let Some(m) = self.messages.get(i) {
+                let target = self.root.join("cur").join(with_seen_flag(&m.path, &m.base));
+                if target != m.path {
+                    match std::fs::rename(&m.path, &target) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        sync_dir(&self.root.join("new"))?;
+        sync_dir(&self.root.join("cur"))?;
+        Ok(removed)
+    }
+}
+
+/// The file name with the Maildir `S` (Seen) flag added to its `:2,` info.
+fn with_seen_flag(path: &Path, base: &str) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let flags = name
+        .split_once(":2,")
+        .map(|(_, f)| f.to_string())
+        .unwrap_or_default();
+    if flags.contains('S') {
+        return name;
+    }
+    // Maildir flags are kept in ASCII order.
+    let mut all: Vec<char> = flags.chars().chain(['S']).collect();
+    all.sort_unstable();
+    format!("{base}:2,{}", all.into_iter().collect::<String>())
+}
+
+/// RFC 1939 section 7: a UIDL is 1 to 70 characters 0x21-0x7E. The base
+/// name qualifies unless the host part is odd; then a hash of it stands in.
+fn uidl(base: &str) -> String {
+    let valid =
+        !base.is_empty() && base.len() <= 70 && base.bytes().all(|b| (0x21..=0x7e).contains(&b));
+    if valid {
+        return base.to_string();
+    }
+    // FNV-1a, 64 bit: stable across runs and versions, unlike std's hasher.
+    let hash = base.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    });
+    format!("{hash:016x}")
+}
+
+/// The size with CRLF line ends: the `,W=` field when the name has one
+/// (written by our delivery and Dovecot's), else counted.
+fn crlf_size(name: &str, path: &Path) -> io::Result<u64> {
+    let base = name.split(':').next().unwrap_or(name);
+    if let Some(w) = base
+        .split(',')
+        .find_map(|f| f.strip_prefix("W="))
+        .and_then(|w| w.parse().ok())
+    {
+        return Ok(w);
+    }
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut size = 0u64;
+    let mut prev = b'\n';
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(size);
+        }
+        for &b in &buf[..n] {
+            if b == b'\n' && prev != b'\r' {
+                size += 1;
+            }
+            size += 1;
+            prev = b;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_locks_and_updates() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("alice");
+        create_mailbox(&root).unwrap();
+        std::fs::write(root.join("new/1.a.h,S=4,W=6"), b"x\ny\n").unwrap();
+        std::fs::write(root.join("cur/2.b.h:2,F"), b"a\r\nb\n").unwrap();
+        std::fs::write(root.join("new/3.c.h"), b"zz").unwrap();
+        let drop = Maildrop::open(&root).unwrap();
+        assert!(matches!(Maildrop::open(&root), Err(MaildropError::Locked)));
+        let infos = drop.infos();
+        assert_eq!(infos.iter().map(|i| i.size).collect::<Vec<_>>(), [6, 6, 2]);
+        assert_eq!(infos[1].uidl, "2.b.h");
+        assert_eq!(drop.update(&[2], &[0, 1, 2]).unwrap(), 1);
+        assert!(root.join("cur/1.a.h,S=4,W=6:2,S").exists());
+        assert!(root.join("cur/2.b.h:2,FS").exists());
+        assert!(!root.join("new/3.c.h").exists());
+        assert!(Maildrop::open(&root).is_ok());
+    }
+
+    #[test]
+    fn odd_names_get_a_hashed_uidl() {
+        assert_eq!(uidl("1.M2P3.host"), "1.M2P3.host");
+        let long = "x".repeat(80);
+        assert_eq!(uidl(&long).len(), 16);
+        assert_eq!(uidl(&long), uidl(&long));
+        assert_ne!(uidl("a b"), "a b");
+    }
+}
