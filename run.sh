@@ -15,12 +15,15 @@ if [ ! -f "$dir/mailsrv.toml" ]; then
   printf '%s\n' "$password" > "$dir/demo-password"
   chmod 600 "$dir/demo-password"
 fi
-smtp=$(sed -n 's/^listen = \["\(.*\)"\]/\1/p' "$dir/mailsrv.toml" | head -n 1)
+setting() { sed -n "s/^$1 = \[\"\(.*\)\"\]/\1/p" "$dir/mailsrv.toml" | head -n 1; }
+smtp=$(setting listen)
+pop3s=$(setting pop3s_listen)
 cat <<MSG
 
 mailsrv development installation: $dir
   demo user      demo@example.test   password: $(cat "$dir/demo-password")
   SMTP           $smtp
+  POP3S          $pop3s   (self-signed certificate: tell your client to accept it)
   Maildir        $dir/mail/example.test/demo/new/
 
 Send a first message from another terminal:
