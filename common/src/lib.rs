@@ -18,4 +18,5 @@ pub mod spool;
 pub mod textdb;
 pub mod throttle;
 pub mod tls;
+pub mod uidlist;
 pub mod userdb;

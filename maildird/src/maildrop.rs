@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use common::maildir::create_mailbox;
 use common::safeio::{sync_dir, try_lock_exclusive, LockGuard};
+use common::uidlist;
 
 use crate::pop3::session::MessageInfo;
 
@@ -27,10 +28,14 @@ pub enum MaildropError {
 pub struct DropMessage {
     /// Where the file is now.
     pub path: PathBuf,
-    /// The Maildir base name (before `:`), also the UIDL.
+    /// The Maildir base name (before `:`).
     pub base: String,
     /// Octets with CRLF line ends.
     pub size: u64,
+    /// RFC 1939 7 unique id: the IMAP UID and UIDVALIDITY in Dovecot's
+    /// default `%08Xu%08Xv` form, so clients moving from Dovecot keep
+    /// their "already downloaded" lists.
+    pub uidl: String,
 }
 
 /// A locked, listed maildrop.
@@ -52,26 +57,23 @@ impl Maildrop {
         let lock = try_lock_exclusive(&lock_path)
             .map_err(io_err(&lock_path))?
             .ok_or(MaildropError::Locked)?;
-        let mut messages = Vec::new();
-        for sub in ["new", "cur"] {
-            let dir = root.join(sub);
-            for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))?.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with('.') {
-                    continue;
-                }
-                let path = entry.path();
-                let size = match crlf_size(&name, &path) {
-                    Ok(size) => size,
-                    // Moved or removed by an IMAP session meanwhile.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(io_err(&path)(e)),
-                };
-                let base = name.split(':').next().unwrap_or(&name).to_string();
-                messages.push(DropMessage { path, base, size });
-            }
+        let state = uidlist::sync(root).map_err(io_err(root))?;
+        let mut messages = Vec::with_capacity(state.entries.len());
+        for entry in state.entries {
+            let path = entry.path(root);
+            let size = match crlf_size(&entry.file_name, &path) {
+                Ok(size) => size,
+                // Moved or removed by an IMAP session meanwhile.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&path)(e)),
+            };
+            messages.push(DropMessage {
+                path,
+                uidl: format!("{:08x}{:08x}", entry.uid, state.uid_validity),
+                base: entry.base,
+                size,
+            });
         }
-        messages.sort_by(|a, b| a.base.cmp(&b.base));
         Ok(Maildrop {
             root: root.to_path_buf(),
             messages,
@@ -90,7 +92,7 @@ impl Maildrop {
             .iter()
             .map(|m| MessageInfo {
                 size: m.size,
-                uidl: uidl(&m.base),
+                uidl: m.uidl.clone(),
             })
             .collect()
     }
@@ -147,21 +149,6 @@ fn with_seen_flag(path: &Path, base: &str) -> String {
     format!("{base}:2,{}", all.into_iter().collect::<String>())
 }
 
-/// RFC 1939 section 7: a UIDL is 1 to 70 characters 0x21-0x7E. The base
-/// name qualifies unless the host part is odd; then a hash of it stands in.
-fn uidl(base: &str) -> String {
-    let valid =
-        !base.is_empty() && base.len() <= 70 && base.bytes().all(|b| (0x21..=0x7e).contains(&b));
-    if valid {
-        return base.to_string();
-    }
-    // FNV-1a, 64 bit: stable across runs and versions, unlike std's hasher.
-    let hash = base.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-    });
-    format!("{hash:016x}")
-}
-
 /// The size with CRLF line ends: the `,W=` field when the name has one
 /// (written by our delivery and Dovecot's), else counted.
 fn crlf_size(name: &str, path: &Path) -> io::Result<u64> {
@@ -208,20 +195,13 @@ mod tests {
         assert!(matches!(Maildrop::open(&root), Err(MaildropError::Locked)));
         let infos = drop.infos();
         assert_eq!(infos.iter().map(|i| i.size).collect::<Vec<_>>(), [6, 6, 2]);
-        assert_eq!(infos[1].uidl, "2.b.h");
+        // Name order is UID order; UIDL = UID and UIDVALIDITY in hex.
+        assert!(infos[1].uidl.starts_with("00000002"), "{}", infos[1].uidl);
+        assert_eq!(infos[1].uidl.len(), 16);
         assert_eq!(drop.update(&[2], &[0, 1, 2]).unwrap(), 1);
         assert!(root.join("cur/1.a.h,S=4,W=6:2,S").exists());
         assert!(root.join("cur/2.b.h:2,FS").exists());
         assert!(!root.join("new/3.c.h").exists());
         assert!(Maildrop::open(&root).is_ok());
-    }
-
-    #[test]
-    fn odd_names_get_a_hashed_uidl() {
-        assert_eq!(uidl("1.M2P3.host"), "1.M2P3.host");
-        let long = "x".repeat(80);
-        assert_eq!(uidl(&long).len(), 16);
-        assert_eq!(uidl(&long), uidl(&long));
-        assert_ne!(uidl("a b"), "a b");
     }
 }
