@@ -125,9 +125,12 @@ impl Pop3Server {
             limits.max_connections_per_client,
         );
         let Ok(_slot) = admitted else {
-            let _ = stream
-                .write_all(b"-ERR [SYS/TEMP] Too many connections\r\n")
-                .await;
+            // On the implicit-TLS port nothing may go out in clear: just close.
+            if !implicit_tls {
+                let _ = stream
+                    .write_all(b"-ERR [SYS/TEMP] Too many connections\r\n")
+                    .await;
+            }
             return;
         };
         let _ = stream.set_nodelay(true);
@@ -349,7 +352,10 @@ impl Pop3Server {
             tracing::warn!("pop3 login refused (too many failures): user=<{user}>, rip={ip}");
             return Err("[SYS/TEMP] Too many failed logins; try again later".into());
         }
-        let (dir, _) = self.directory.current();
+        let (dir, stale) = self.directory.current();
+        if let Some(e) = stale {
+            tracing::error!("keeping previous tables: {e}");
+        }
         let name = user.to_string();
         let ok = tokio::task::spawn_blocking(move || dir.users.authenticate(&name, &password))
             .await
