@@ -12,6 +12,7 @@ Binaries come from $MAILSRV_BIN_DIR, default <repo>/target/debug.
 from __future__ import annotations
 
 import os
+import poplib
 import random
 import re
 import signal
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +32,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mailtest import (  # noqa: E402
-    CLIENT_NAME, LOCALHOST, RawSMTP, bindable, greets, header, make_message,
-    pid_alive, process_mentions, queued_id, read_pid, wait_until,
+    CLIENT_NAME, LOCALHOST, RawPOP3, RawSMTP, bindable, greets, header,
+    insecure_tls_context, make_message, pid_alive, pop3_greets, process_mentions,
+    queued_id, read_pid, wait_until,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,8 +43,10 @@ MAILCTL = BIN_DIR / "mailctl"
 
 HOSTNAME = "mx.example.test"
 DOMAIN = "example.test"
-DAEMONS = ("master", "smtpd", "qmgr")
-# smtpd listens on P+25; the others are reserved for later services.
+# Daemons with a pid file in run/ (maildird's is absent until it runs).
+DAEMONS = ("master", "smtpd", "qmgr", "maildird")
+# smtpd listens on P+25, maildird's POP3 on P+110 (STLS) and P+995 (POP3S);
+# the others are reserved for later services.
 PORT_OFFSETS = (25, 587, 465, 143, 993, 110, 995)
 
 # The spool's subdirectories (ARCHITECTURE.md), data/ first: a message file
@@ -77,11 +82,16 @@ def toml_value(value: Any) -> str:
     raise TypeError(f"no TOML form for {value!r}")
 
 
+_TABLE_HEADER_RE = re.compile(r"\[\s*([A-Za-z0-9_.\- ]+?)\s*\]\s*(#.*)?$")
+
+
 def set_toml_key(text: str, dotted_key: str, literal: str) -> tuple[str, int]:
-    """Set `table.key = literal` in TOML `text` (a flat template as written by
-    `mailctl init`): replace the key's line if present, else add it right
-    after the table header (or at the top for a top-level key, or in a new
-    table at the end). Returns the new text and the 1-based line of the key."""
+    """Set `table.key = literal` in TOML `text` (a template as written by
+    `mailctl init`, one `[table]` header per table): replace the key's line
+    if present, else add it right after the table header (or at the top for
+    a top-level key, or in a new table at the end). The table may be nested:
+    "maildird.limits.max_auth_failures" is the key max_auth_failures of
+    `[maildird.limits]`. Returns the new text and the 1-based line of the key."""
     table, _, key = dotted_key.rpartition(".")
     lines = text.splitlines()
     current = ""
@@ -89,8 +99,9 @@ def set_toml_key(text: str, dotted_key: str, literal: str) -> tuple[str, int]:
     key_re = re.compile(rf"{re.escape(key)}\s*=")
     for i, line in enumerate(lines):
         stripped = line.strip()
-        if stripped.startswith("["):
-            current = stripped.strip("[]").strip()
+        header = _TABLE_HEADER_RE.match(stripped)
+        if header:
+            current = re.sub(r"\s*\.\s*", ".", header[1])
             if current == table:
                 header_index = i
         elif current == table and key_re.match(stripped):
@@ -170,6 +181,26 @@ class Mailsrv:
         self.config_path.write_text(text)
         return line
 
+    def config(self) -> dict[str, Any]:
+        """The config file as parsed TOML."""
+        with open(self.config_path, "rb") as f:
+            return tomllib.load(f)
+
+    def _listen_port(self, table: str, key: str) -> int:
+        addresses = self.config().get(table, {}).get(key)
+        assert addresses, f"no {table}.{key} in {self.config_path}"
+        return int(str(addresses[0]).rpartition(":")[2])
+
+    @property
+    def pop3_port(self) -> int:
+        """The first maildird.pop3_listen port (POP3 with STLS; P+110 from init)."""
+        return self._listen_port("maildird", "pop3_listen")
+
+    @property
+    def pop3s_port(self) -> int:
+        """The first maildird.pop3s_listen port (implicit TLS; P+995 from init)."""
+        return self._listen_port("maildird", "pop3s_listen")
+
     def ctl(self, *args: str, input: str | None = None, check: bool = True) -> Result:
         return run_mailctl(["-c", str(self.config_path), *args], input=input, check=check)
 
@@ -221,6 +252,21 @@ class Mailsrv:
                     f"port {self.smtp_port} gave no 220 greeting within {timeout}s\n"
                     f"{self.log_tail()}")
             time.sleep(0.05)
+
+    def wait_pop3_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait until maildird greets on its POP3 and POP3S ports. start()
+        waits for SMTP only: maildird may come up a little later."""
+        deadline = time.monotonic() + timeout
+        for port, tls in ((self.pop3_port, False), (self.pop3s_port, True)):
+            while not pop3_greets(port, tls):
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"mailsrv exited with {self.proc.returncode}\n{self.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"port {port} ({'POP3S' if tls else 'POP3'}) gave no +OK greeting "
+                        f"within {timeout}s\n{self.log_tail()}")
+                time.sleep(0.05)
 
     def _signal_group(self, sig: int) -> None:
         try:
@@ -349,6 +395,38 @@ class Mailsrv:
     def smtp(self) -> smtplib.SMTP:
         return smtplib.SMTP(LOCALHOST, self.smtp_port, local_hostname=CLIENT_NAME,
                             timeout=15)
+
+    # ---- POP3 ------------------------------------------------------------
+
+    def pop3(self, timeout: float = 15) -> poplib.POP3:
+        """poplib on the plain POP3 port (no TLS yet; login needs STLS)."""
+        return poplib.POP3(LOCALHOST, self.pop3_port, timeout=timeout)
+
+    def pop3s(self, timeout: float = 15) -> poplib.POP3_SSL:
+        """poplib on the POP3S port (implicit TLS, certificate not verified)."""
+        return poplib.POP3_SSL(LOCALHOST, self.pop3s_port, timeout=timeout,
+                               context=insecure_tls_context())
+
+    def pop3_stls(self, timeout: float = 15) -> poplib.POP3:
+        """poplib on the plain port after STLS (certificate not verified)."""
+        client = self.pop3(timeout)
+        try:
+            client.stls(insecure_tls_context())
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def raw_pop3(self, tls: bool = True, timeout: float = 10.0) -> RawPOP3:
+        """A RawPOP3 connection (POP3S when `tls`, else the plain port)
+        whose greeting has been read."""
+        conn = RawPOP3(self.pop3s_port if tls else self.pop3_port, tls, timeout)
+        try:
+            conn.greeting()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def raw(self) -> RawSMTP:
         """A RawSMTP connection whose greeting has been read."""

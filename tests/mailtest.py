@@ -9,6 +9,7 @@ from __future__ import annotations
 import email.utils
 import re
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -55,6 +56,35 @@ def pid_alive(pid: int) -> bool:
     # The state follows the parenthesised command name, which may hold spaces.
     state = stat.rsplit(")", 1)[1].split()[0]
     return state not in ("Z", "X")
+
+
+def insecure_tls_context() -> ssl.SSLContext:
+    """A TLS client context that accepts any certificate: `mailctl init`
+    makes a self-signed one."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def pop3_greets(port: int, tls: bool = False, timeout: float = 2.0) -> bool:
+    """Whether 127.0.0.1:port accepts a connection (with a TLS handshake
+    first when `tls`) and greets with `+OK`."""
+    try:
+        with socket.create_connection((LOCALHOST, port), timeout=timeout) as raw:
+            s = insecure_tls_context().wrap_socket(raw) if tls else raw
+            data = b""
+            while b"\r\n" not in data:
+                chunk = s.recv(4096)
+                if not chunk:
+                    return False
+                data += chunk
+            if data.startswith(b"+OK"):
+                s.sendall(b"QUIT\r\n")
+                return True
+            return False
+    except OSError:   # ssl.SSLError is an OSError
+        return False
 
 
 def greets(port: int, timeout: float = 2.0) -> bool:
@@ -358,3 +388,138 @@ def process_mentions(pid: int, needle: str) -> bool:
             pass
     return False
 
+
+
+# --------------------------------------------------------------------------
+# Raw POP3
+# --------------------------------------------------------------------------
+
+def pop3_unstuff(data: bytes) -> bytes:
+    """Undo POP3 dot-stuffing (RFC 1939 3) of multi-line data without the
+    terminating `.` line: remove one leading `.` from every line."""
+    return re.sub(rb"(?m)^\.", b"", data)
+
+
+class RawPOP3:
+    """A byte-level POP3 client, plain or implicit TLS: sends exactly what it
+    is given and returns the server's lines as bytes, never waiting longer
+    than `timeout`. Lines are split on CRLF only, so a bare LF sent by the
+    server stays visible inside a line."""
+
+    def __init__(self, port: int, tls: bool = False, timeout: float = 10.0):
+        self.timeout = timeout
+        self.sock: socket.socket = socket.create_connection((LOCALHOST, port), timeout=timeout)
+        if tls:
+            self.sock = insecure_tls_context().wrap_socket(self.sock)
+        self._buf = b""
+        self.eof = False
+
+    def __enter__(self) -> "RawPOP3":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the connection (no QUIT)."""
+        self.sock.close()
+
+    def send(self, data: bytes | str) -> None:
+        self.sock.sendall(data.encode("utf-8") if isinstance(data, str) else data)
+
+    def _fill(self, deadline: float) -> bool:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no complete response within {self.timeout}s; have {self._buf!r}")
+        self.sock.settimeout(remaining)
+        try:
+            chunk = self.sock.recv(65536)
+        except (ConnectionResetError, ssl.SSLEOFError):
+            chunk = b""
+        except socket.timeout as e:
+            raise TimeoutError(
+                f"no complete response within {self.timeout}s; have {self._buf!r}") from e
+        if not chunk:
+            self.eof = True
+        self._buf += chunk
+        return bool(chunk)
+
+    def read_line(self, deadline: float | None = None) -> bytes:
+        """One line without its CRLF."""
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout
+        while b"\r\n" not in self._buf:
+            if self.eof or not self._fill(deadline):
+                raise ConnectionError(f"connection closed; unread bytes: {self._buf!r}")
+        line, self._buf = self._buf.split(b"\r\n", 1)
+        return line
+
+    def read_status(self) -> bytes:
+        """One status line (`+OK ...`, `-ERR ...` or a `+ ` continuation)."""
+        line = self.read_line()
+        assert line.startswith((b"+OK", b"-ERR", b"+ ")) or line == b"+", (
+            f"not a POP3 status line: {line!r}")
+        return line
+
+    def read_data(self) -> bytes:
+        """The multi-line data following a `+OK` of RETR, TOP, LIST, UIDL,
+        CAPA: every line with its CRLF, still dot-stuffed, up to and without
+        the terminating `.` line."""
+        deadline = time.monotonic() + self.timeout
+        lines = []
+        while True:
+            line = self.read_line(deadline)
+            if line == b".":
+                return b"".join(l + b"\r\n" for l in lines)
+            lines.append(line)
+
+    def command(self, line: bytes | str) -> bytes:
+        """Send one command line (CRLF added); return its status line."""
+        self.send((line.encode("utf-8") if isinstance(line, str) else line) + b"\r\n")
+        return self.read_status()
+
+    def expect_ok(self, line: bytes | str) -> bytes:
+        status = self.command(line)
+        assert status.startswith(b"+OK"), f"{line!r}: {status!r}"
+        return status
+
+    def multiline(self, line: bytes | str) -> tuple[bytes, bytes]:
+        """A command with a multi-line answer: (status line, raw data as in
+        read_data); asserts `+OK`."""
+        status = self.expect_ok(line)
+        return status, self.read_data()
+
+    def greeting(self) -> bytes:
+        status = self.read_status()
+        assert status.startswith(b"+OK"), f"greeting: {status!r}"
+        return status
+
+    def capa(self) -> dict[str, list[str]]:
+        """CAPA as {TAG (upper case): [parameters]}."""
+        _, data = self.multiline("CAPA")
+        caps = {}
+        for line in data.decode("utf-8").split("\r\n")[:-1]:
+            tag, *params = line.split()
+            caps[tag.upper()] = params
+        return caps
+
+    def stls(self) -> None:
+        """STLS, then the TLS handshake on this connection."""
+        self.expect_ok("STLS")
+        assert self._buf == b"", f"bytes after the STLS reply: {self._buf!r}"
+        self.sock = insecure_tls_context().wrap_socket(self.sock)
+
+    def login(self, user: str, password: str) -> None:
+        self.expect_ok(f"USER {user}")
+        self.expect_ok(f"PASS {password}")
+
+    def closed(self, timeout: float = 5.0) -> bool:
+        """Whether the server closes the connection within `timeout`
+        (bytes that arrive meanwhile are kept in the buffer)."""
+        deadline = time.monotonic() + timeout
+        try:
+            while not self.eof:
+                self._fill(deadline)
+        except TimeoutError:
+            return False
+        return True
