@@ -237,24 +237,28 @@ def header(content: bytes, name: str) -> str | None:
 # Raw SMTP
 # --------------------------------------------------------------------------
 
-class RawSMTP:
-    """A byte-level SMTP client: sends exactly what it is given and reads
-    whole (multi-line) replies, never waiting longer than `timeout`."""
+class RawLineClient:
+    """A byte-level client for CRLF line protocols, plain or implicit TLS:
+    sends exactly what it is given and reads lines split on CRLF only (a
+    bare LF from the server stays visible), never waiting longer than
+    `timeout`."""
 
-    def __init__(self, port: int, timeout: float = 10.0):
+    def __init__(self, port: int, tls: bool = False, timeout: float = 10.0):
         self.timeout = timeout
-        self.sock = socket.create_connection((LOCALHOST, port), timeout=timeout)
+        self.sock: socket.socket = socket.create_connection((LOCALHOST, port), timeout=timeout)
+        if tls:
+            self.sock = insecure_tls_context().wrap_socket(self.sock)
         self._buf = b""
         self.eof = False
-        self.history: list[list[str]] = []   # raw lines of every reply read
 
-    def __enter__(self) -> "RawSMTP":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
+        """Drop the connection (no QUIT)."""
         self.sock.close()
 
     def send(self, data: bytes | str) -> None:
@@ -264,26 +268,48 @@ class RawSMTP:
         """Read more bytes into the buffer; False at end of stream."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError(f"no complete reply within {self.timeout}s; have {self._buf!r}")
+            raise TimeoutError(f"nothing complete within {self.timeout}s; have {self._buf!r}")
         self.sock.settimeout(remaining)
         try:
             chunk = self.sock.recv(65536)
-        except ConnectionResetError:
+        except (ConnectionResetError, ssl.SSLEOFError):
             chunk = b""
         except socket.timeout as e:
             raise TimeoutError(
-                f"no complete reply within {self.timeout}s; have {self._buf!r}") from e
+                f"nothing complete within {self.timeout}s; have {self._buf!r}") from e
         if not chunk:
             self.eof = True
         self._buf += chunk
         return bool(chunk)
 
-    def _read_line(self, deadline: float) -> bytes:
+    def read_line(self, deadline: float | None = None) -> bytes:
+        """One line without its CRLF."""
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout
         while b"\r\n" not in self._buf:
             if self.eof or not self._fill(deadline):
                 raise ConnectionError(f"connection closed; unread bytes: {self._buf!r}")
         line, self._buf = self._buf.split(b"\r\n", 1)
         return line
+
+    def closed(self, timeout: float = 5.0) -> bool:
+        """Whether the server closes the connection within `timeout`
+        (bytes that arrive meanwhile are kept in the buffer)."""
+        deadline = time.monotonic() + timeout
+        try:
+            while not self.eof:
+                self._fill(deadline)
+        except TimeoutError:
+            return False
+        return True
+
+
+class RawSMTP(RawLineClient):
+    """A byte-level SMTP client that reads whole (multi-line) replies."""
+
+    def __init__(self, port: int, timeout: float = 10.0):
+        super().__init__(port, timeout=timeout)
+        self.history: list[list[str]] = []   # raw lines of every reply read
 
     def read_reply(self) -> tuple[int, list[str]]:
         """Read one complete reply: (code, text of each line after the code)."""
@@ -292,7 +318,7 @@ class RawSMTP:
         texts: list[str] = []
         raw_lines: list[str] = []
         while True:
-            line = self._read_line(deadline)
+            line = self.read_line(deadline)
             m = _REPLY_LINE_RE.match(line)
             assert m, f"malformed reply line {line!r}"
             assert code is None or int(m[1]) == code, f"code changed inside a reply: {line!r}"
@@ -342,17 +368,6 @@ class RawSMTP:
         self.send(dot_stuff(message))
         return self.read_reply()
 
-    def closed(self, timeout: float = 5.0) -> bool:
-        """Whether the server closes the connection within `timeout`
-        (bytes that arrive meanwhile are kept in the buffer)."""
-        deadline = time.monotonic() + timeout
-        try:
-            while not self.eof:
-                self._fill(deadline)
-        except TimeoutError:
-            return False
-        return True
-
 
 def queued_id(lines: list[str]) -> str:
     """The queue ID from a `250 2.0.0 Ok: queued as <ID>` reply."""
@@ -400,59 +415,8 @@ def pop3_unstuff(data: bytes) -> bytes:
     return re.sub(rb"(?m)^\.", b"", data)
 
 
-class RawPOP3:
-    """A byte-level POP3 client, plain or implicit TLS: sends exactly what it
-    is given and returns the server's lines as bytes, never waiting longer
-    than `timeout`. Lines are split on CRLF only, so a bare LF sent by the
-    server stays visible inside a line."""
-
-    def __init__(self, port: int, tls: bool = False, timeout: float = 10.0):
-        self.timeout = timeout
-        self.sock: socket.socket = socket.create_connection((LOCALHOST, port), timeout=timeout)
-        if tls:
-            self.sock = insecure_tls_context().wrap_socket(self.sock)
-        self._buf = b""
-        self.eof = False
-
-    def __enter__(self) -> "RawPOP3":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Drop the connection (no QUIT)."""
-        self.sock.close()
-
-    def send(self, data: bytes | str) -> None:
-        self.sock.sendall(data.encode("utf-8") if isinstance(data, str) else data)
-
-    def _fill(self, deadline: float) -> bool:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"no complete response within {self.timeout}s; have {self._buf!r}")
-        self.sock.settimeout(remaining)
-        try:
-            chunk = self.sock.recv(65536)
-        except (ConnectionResetError, ssl.SSLEOFError):
-            chunk = b""
-        except socket.timeout as e:
-            raise TimeoutError(
-                f"no complete response within {self.timeout}s; have {self._buf!r}") from e
-        if not chunk:
-            self.eof = True
-        self._buf += chunk
-        return bool(chunk)
-
-    def read_line(self, deadline: float | None = None) -> bytes:
-        """One line without its CRLF."""
-        if deadline is None:
-            deadline = time.monotonic() + self.timeout
-        while b"\r\n" not in self._buf:
-            if self.eof or not self._fill(deadline):
-                raise ConnectionError(f"connection closed; unread bytes: {self._buf!r}")
-        line, self._buf = self._buf.split(b"\r\n", 1)
-        return line
+class RawPOP3(RawLineClient):
+    """A byte-level POP3 client, plain or implicit TLS."""
 
     def read_status(self) -> bytes:
         """One status line (`+OK ...`, `-ERR ...` or a `+ ` continuation)."""
@@ -512,14 +476,3 @@ class RawPOP3:
     def login(self, user: str, password: str) -> None:
         self.expect_ok(f"USER {user}")
         self.expect_ok(f"PASS {password}")
-
-    def closed(self, timeout: float = 5.0) -> bool:
-        """Whether the server closes the connection within `timeout`
-        (bytes that arrive meanwhile are kept in the buffer)."""
-        deadline = time.monotonic() + timeout
-        try:
-            while not self.eof:
-                self._fill(deadline)
-        except TimeoutError:
-            return False
-        return True

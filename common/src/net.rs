@@ -25,6 +25,30 @@ pub fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(socket.into())
 }
 
+/// Accept connections on `listener` and hand each to `on_accept` until
+/// `shutdown` turns true. Accept errors (EMFILE and friends) back off
+/// briefly instead of spinning.
+pub async fn accept_loop<F>(
+    listener: tokio::net::TcpListener,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut on_accept: F,
+) where
+    F: FnMut(tokio::net::TcpStream, SocketAddr),
+{
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => on_accept(stream, peer),
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
 /// A line read by [`read_line`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Line {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::address::Address;
 use common::config::Config;
-use common::net::{read_line, ConnectionLimiter, Line};
+use common::net::{accept_loop, read_line, ConnectionLimiter, Line};
 use common::recipients::DirectoryCache;
 use common::throttle::AuthThrottle;
 use common::userdb::maildir_path;
@@ -92,22 +92,12 @@ impl Pop3Server {
 
     /// Accept connections until shutdown; `implicit_tls` for pop3s.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, implicit_tls: bool) {
-        let mut shutdown = self.shutdown.clone();
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let server = self.clone();
-                        tokio::spawn(async move { server.connection(stream, peer, implicit_tls).await });
-                    }
-                    Err(e) => {
-                        tracing::warn!("pop3 accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        }
+        let shutdown = self.shutdown.clone();
+        accept_loop(listener, shutdown, |stream, peer| {
+            let server = self.clone();
+            tokio::spawn(async move { server.connection(stream, peer, implicit_tls).await });
+        })
+        .await;
     }
 
     async fn connection(

@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use common::config::Config;
-use common::net::{read_line, ConnectionLimiter, ConnectionSlot, Line, Refusal};
+use common::net::{accept_loop, read_line, ConnectionLimiter, ConnectionSlot, Line, Refusal};
 use common::recipients::DirectoryCache;
 use common::spool::{ClientInfo, Envelope, Spool};
 use smtp_proto::Request;
@@ -88,23 +88,12 @@ impl Server {
 
     /// Accept connections on `listener` until shutdown.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        let mut shutdown = self.shutdown.clone();
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let server = self.clone();
-                        tokio::spawn(async move { server.connection(stream, peer).await });
-                    }
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!("accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        }
+        let shutdown = self.shutdown.clone();
+        accept_loop(listener, shutdown, |stream, peer| {
+            let server = self.clone();
+            tokio::spawn(async move { server.connection(stream, peer).await });
+        })
+        .await;
     }
 
     fn take_slot(&self, ip: IpAddr, settings: &Settings) -> Result<ConnectionSlot<'_>, Reply> {
