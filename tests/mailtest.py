@@ -67,9 +67,9 @@ def insecure_tls_context() -> ssl.SSLContext:
     return context
 
 
-def pop3_greets(port: int, tls: bool = False, timeout: float = 2.0) -> bool:
+def _greets_with(port: int, prefix: bytes, tls: bool, timeout: float) -> bool:
     """Whether 127.0.0.1:port accepts a connection (with a TLS handshake
-    first when `tls`) and greets with `+OK`."""
+    first when `tls`) and its first line starts with `prefix`; QUITs."""
     try:
         with socket.create_connection((LOCALHOST, port), timeout=timeout) as raw:
             s = insecure_tls_context().wrap_socket(raw) if tls else raw
@@ -79,7 +79,7 @@ def pop3_greets(port: int, tls: bool = False, timeout: float = 2.0) -> bool:
                 if not chunk:
                     return False
                 data += chunk
-            if data.startswith(b"+OK"):
+            if data.startswith(prefix):
                 s.sendall(b"QUIT\r\n")
                 return True
             return False
@@ -87,22 +87,14 @@ def pop3_greets(port: int, tls: bool = False, timeout: float = 2.0) -> bool:
         return False
 
 
+def pop3_greets(port: int, tls: bool = False, timeout: float = 2.0) -> bool:
+    """Whether a POP3 server on 127.0.0.1:port greets with `+OK`."""
+    return _greets_with(port, b"+OK", tls, timeout)
+
+
 def greets(port: int, timeout: float = 2.0) -> bool:
-    """Whether 127.0.0.1:port accepts a connection with a 220 greeting."""
-    try:
-        with socket.create_connection((LOCALHOST, port), timeout=timeout) as s:
-            data = b""
-            while b"\r\n" not in data:
-                chunk = s.recv(4096)
-                if not chunk:
-                    return False
-                data += chunk
-            if data.startswith(b"220"):
-                s.sendall(b"QUIT\r\n")
-                return True
-            return False
-    except OSError:
-        return False
+    """Whether an SMTP server on 127.0.0.1:port greets with 220."""
+    return _greets_with(port, b"220", False, timeout)
 
 
 _userns_tmpfs: tuple[bool, str] | None = None
