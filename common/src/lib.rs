@@ -7,6 +7,7 @@ pub mod aliases;
 pub mod config;
 pub mod daemon;
 pub mod domains;
+pub mod flags;
 pub mod logging;
 pub mod maildir;
 pub mod net;

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
+use common::flags::{Keywords, SystemFlag};
 use common::maildir::create_mailbox;
 use common::safeio::{sync_dir, try_lock_exclusive, LockGuard};
 use common::uidlist;
@@ -130,23 +131,19 @@ impl Maildrop {
     }
 }
 
-/// The file name with the Maildir `S` (Seen) flag added to its `:2,` info.
+/// The file name with the Seen flag added to its `:2,` info, other
+/// letters kept.
 fn with_seen_flag(path: &Path, base: &str) -> String {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let flags = name
-        .split_once(":2,")
-        .map(|(_, f)| f.to_string())
-        .unwrap_or_default();
-    if flags.contains('S') {
-        return name;
-    }
-    // Maildir flags are kept in ASCII order.
-    let mut all: Vec<char> = flags.chars().chain(['S']).collect();
-    all.sort_unstable();
-    format!("{base}:2,{}", all.into_iter().collect::<String>())
+    let info = name.split_once(":2,").map_or("", |(_, f)| f);
+    // Keyword letters need no numbering here: they pass through as `other`.
+    let letters = Keywords::default();
+    let (mut flags, other) = letters.parse_info(info);
+    flags.system.insert(SystemFlag::Seen);
+    format!("{base}:2,{}", letters.render(&flags, &other))
 }
 
 /// The size with CRLF line ends: the `,W=` field when the name has one
