@@ -242,31 +242,29 @@ class Mailsrv:
         self.wait_ready()
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait until smtpd greets with 220."""
         deadline = time.monotonic() + timeout
-        while not greets(self.smtp_port):
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(
-                    f"mailsrv exited with {self.proc.returncode} during start\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"port {self.smtp_port} gave no 220 greeting within {timeout}s\n"
-                    f"{self.log_tail()}")
-            time.sleep(0.05)
+        self._wait_greeting(lambda: greets(self.smtp_port),
+                            f"port {self.smtp_port} gave no 220 greeting", deadline, timeout)
 
     def wait_pop3_ready(self, timeout: float = START_TIMEOUT) -> None:
         """Wait until maildird greets on its POP3 and POP3S ports. start()
         waits for SMTP only: maildird may come up a little later."""
         deadline = time.monotonic() + timeout
         for port, tls in ((self.pop3_port, False), (self.pop3s_port, True)):
-            while not pop3_greets(port, tls):
-                if self.proc is not None and self.proc.poll() is not None:
-                    raise AssertionError(
-                        f"mailsrv exited with {self.proc.returncode}\n{self.log_tail()}")
-                if time.monotonic() > deadline:
-                    raise AssertionError(
-                        f"port {port} ({'POP3S' if tls else 'POP3'}) gave no +OK greeting "
-                        f"within {timeout}s\n{self.log_tail()}")
-                time.sleep(0.05)
+            self._wait_greeting(lambda: pop3_greets(port, tls),
+                                f"port {port} ({'POP3S' if tls else 'POP3'}) gave no +OK greeting",
+                                deadline, timeout)
+
+    def _wait_greeting(self, greeted, what: str, deadline: float, timeout: float) -> None:
+        """Poll `greeted` until true; fail if mailsrv exits or time runs out."""
+        while not greeted():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"mailsrv exited with {self.proc.returncode} during start\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} within {timeout}s\n{self.log_tail()}")
+            time.sleep(0.05)
 
     def _signal_group(self, sig: int) -> None:
         try:

@@ -514,6 +514,24 @@ impl Config {
 }
 
 impl Paths {
+    /// Where the programs are: `libexec_dir`, else beside the running
+    /// program (so a build tree or an install prefix works unconfigured).
+    pub fn binary_dir(&self) -> std::io::Result<PathBuf> {
+        if let Some(dir) = &self.libexec_dir {
+            return Ok(dir.clone());
+        }
+        let exe = std::env::current_exe()?;
+        Ok(exe
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(".")))
+    }
+
+    /// The pid file of a program (`master`, `smtpd`, ...) in `run_dir`.
+    pub fn pid_file(&self, program: &str) -> PathBuf {
+        self.run_dir.join(format!("{program}.pid"))
+    }
+
     fn make_absolute(&mut self, base: &Path) {
         for p in [
             &mut self.spool,

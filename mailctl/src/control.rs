@@ -23,14 +23,10 @@ const START_WAIT: Duration = Duration::from_secs(20);
 const STOP_WAIT: Duration = Duration::from_secs(60);
 
 fn master_binary(config: &Config) -> anyhow::Result<PathBuf> {
-    let dir = match &config.paths.libexec_dir {
-        Some(d) => d.clone(),
-        None => std::env::current_exe()
-            .context("finding this program's path")?
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default(),
-    };
+    let dir = config
+        .paths
+        .binary_dir()
+        .context("finding this program's path")?;
     Ok(dir.join("master"))
 }
 
@@ -43,7 +39,7 @@ fn is_running(config: &Config) -> anyhow::Result<bool> {
 }
 
 fn read_pid(config: &Config, name: &str) -> Option<i32> {
-    let text = std::fs::read_to_string(config.paths.run_dir.join(format!("{name}.pid"))).ok()?;
+    let text = std::fs::read_to_string(config.paths.pid_file(name)).ok()?;
     text.trim().parse().ok()
 }
 

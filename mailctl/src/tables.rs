@@ -95,16 +95,7 @@ pub fn user(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
         }
         UserCommand::List { json } => {
             let db = UserDb::load(path)?;
-            let names: Vec<&str> = db.list().iter().map(|u| u.name.as_str()).collect();
-            if json {
-                let v: Vec<_> = names
-                    .iter()
-                    .map(|n| serde_json::json!({ "user": n }))
-                    .collect();
-                println!("{}", serde_json::Value::Array(v));
-            } else {
-                names.iter().for_each(|n| println!("{n}"));
-            }
+            print_names("user", db.list().iter().map(|u| u.name.as_str()), json);
         }
     }
     Ok(())
@@ -161,18 +152,20 @@ pub fn domain(config: &Config, cmd: DomainCommand) -> anyhow::Result<()> {
         }
         DomainCommand::List { json } => {
             let domains = Domains::load(path)?;
-            if json {
-                let v: Vec<_> = domains
-                    .iter()
-                    .map(|d| serde_json::json!({ "domain": d }))
-                    .collect();
-                println!("{}", serde_json::Value::Array(v));
-            } else {
-                domains.iter().for_each(|d| println!("{d}"));
-            }
+            print_names("domain", domains.iter(), json);
         }
     }
     Ok(())
+}
+
+/// Print names one a line, or with `json` as an array of `{key: name}`.
+fn print_names<'a>(key: &str, names: impl Iterator<Item = &'a str>, json: bool) {
+    if json {
+        let v: Vec<_> = names.map(|n| serde_json::json!({ key: n })).collect();
+        println!("{}", serde_json::Value::Array(v));
+    } else {
+        names.for_each(|n| println!("{n}"));
+    }
 }
 
 /// A password from the terminal (not echoed, asked twice) or from stdin's

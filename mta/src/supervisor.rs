@@ -1,7 +1,7 @@
 //! The supervisor (`master`): starts the daemons, restarts one that dies,
 //! forwards reloads, and stops them all on SIGTERM. See master(8).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -28,24 +28,6 @@ struct Daemon {
     delay: Duration,
 }
 
-/// Where the daemon binaries are: `paths.libexec_dir`, else beside this
-/// program.
-pub fn libexec_dir(config: &Config) -> anyhow::Result<PathBuf> {
-    if let Some(dir) = &config.paths.libexec_dir {
-        return Ok(dir.clone());
-    }
-    let exe = std::env::current_exe().context("finding this program's path")?;
-    Ok(exe
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(".")))
-}
-
-/// The pid file of `name` (`master`, `smtpd`, `qmgr`).
-pub fn pid_file(config: &Config, name: &str) -> PathBuf {
-    config.paths.run_dir.join(format!("{name}.pid"))
-}
-
 fn spawn(bin_dir: &Path, name: &str, config_path: &Path, config: &Config) -> anyhow::Result<Child> {
     let program = bin_dir.join(name);
     let mut cmd = Command::new(&program);
@@ -63,8 +45,10 @@ fn spawn(bin_dir: &Path, name: &str, config_path: &Path, config: &Config) -> any
         .spawn()
         .with_context(|| format!("starting {}", program.display()))?;
     if let Some(pid) = child.id() {
-        let _ =
-            common::safeio::write_atomic(&pid_file(config, name), format!("{pid}\n").as_bytes());
+        let _ = common::safeio::write_atomic(
+            &config.paths.pid_file(name),
+            format!("{pid}\n").as_bytes(),
+        );
         tracing::info!("started {name} (pid {pid})");
     }
     Ok(child)
@@ -72,7 +56,10 @@ fn spawn(bin_dir: &Path, name: &str, config_path: &Path, config: &Config) -> any
 
 /// Run the daemons until SIGTERM/SIGINT. `config_path` is handed to them.
 pub async fn run(config_path: &Path, config: &Config) -> anyhow::Result<()> {
-    let bin_dir = libexec_dir(config)?;
+    let bin_dir = config
+        .paths
+        .binary_dir()
+        .context("finding this program's path")?;
     let mut signals = Signals::install()?;
     let mut daemons: Vec<Daemon> = Vec::new();
     for name in DAEMONS {
@@ -164,7 +151,7 @@ async fn stop_all(daemons: &mut [Daemon], config: &Config) {
                 let _ = child.kill().await;
             }
         }
-        let _ = std::fs::remove_file(pid_file(config, d.name));
+        let _ = std::fs::remove_file(config.paths.pid_file(d.name));
     }
     tracing::info!("stopped");
 }

@@ -18,7 +18,7 @@ async fn run() -> anyhow::Result<()> {
     let _lock = try_lock_exclusive(&lock_path)
         .with_context(|| format!("locking {}", lock_path.display()))?
         .context("mailsrv is already running")?;
-    let pid_path = supervisor::pid_file(&config, "master");
+    let pid_path = config.paths.pid_file("master");
     write_atomic(&pid_path, format!("{}\n", std::process::id()).as_bytes())
         .with_context(|| format!("writing {}", pid_path.display()))?;
     let result = supervisor::run(&config_path, &config).await;
