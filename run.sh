@@ -17,12 +17,14 @@ if [ ! -f "$dir/mailsrv.toml" ]; then
 fi
 setting() { sed -n "s/^$1 = \[\"\(.*\)\"\]/\1/p" "$dir/mailsrv.toml" | head -n 1; }
 smtp=$(setting listen)
+imaps=$(setting imaps_listen)
 pop3s=$(setting pop3s_listen)
 cat <<MSG
 
 mailsrv development installation: $dir
   demo user      demo@example.test   password: $(cat "$dir/demo-password")
   SMTP           $smtp
+  IMAPS          $imaps   (self-signed certificate: tell your client to accept it)
   POP3S          $pop3s   (self-signed certificate: tell your client to accept it)
   Maildir        $dir/mail/example.test/demo/new/
 

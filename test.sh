@@ -8,6 +8,7 @@ cd "$(dirname "$0")"
 missing=()
 command -v swaks >/dev/null || missing+=(swaks)
 command -v fetchmail >/dev/null || missing+=(fetchmail)
+command -v mbsync >/dev/null || missing+=(isync)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=; [ "$(id -u)" -eq 0 ] || sudo=sudo
   $sudo apt-get update -qq

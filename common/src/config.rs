@@ -246,9 +246,15 @@ fn default_recipient_delimiter() -> String {
 }
 
 /// The mail access daemon's settings.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MaildirdConfig {
+    /// IMAP listeners with STARTTLS (RFC 9051 6.2.1), usually port 143.
+    #[serde(default)]
+    pub imap_listen: Vec<SocketAddr>,
+    /// IMAP listeners with implicit TLS (RFC 8314), usually port 993.
+    #[serde(default)]
+    pub imaps_listen: Vec<SocketAddr>,
     /// POP3 listeners with STLS (RFC 1939, RFC 2595), usually port 110.
     #[serde(default)]
     pub pop3_listen: Vec<SocketAddr>,
@@ -262,6 +268,27 @@ pub struct MaildirdConfig {
     /// Limits shared by the protocols.
     #[serde(default)]
     pub limits: AccessLimits,
+    /// Largest message APPEND accepts, in bytes.
+    #[serde(default = "default_max_append_size")]
+    pub max_append_size: u32,
+}
+
+impl Default for MaildirdConfig {
+    fn default() -> Self {
+        Self {
+            imap_listen: Vec::new(),
+            imaps_listen: Vec::new(),
+            pop3_listen: Vec::new(),
+            pop3s_listen: Vec::new(),
+            allow_plaintext_auth: false,
+            limits: AccessLimits::default(),
+            max_append_size: default_max_append_size(),
+        }
+    }
+}
+
+fn default_max_append_size() -> u32 {
+    64 * 1024 * 1024
 }
 
 /// Connection and login limits of maildird.
@@ -274,7 +301,9 @@ pub struct AccessLimits {
     /// Most simultaneous sessions from one client address.
     #[serde(default = "default_max_connections_per_client")]
     pub max_connections_per_client: usize,
-    /// Seconds a session may wait for a command (RFC 1939 3: at least 600).
+    /// Seconds a session may wait for a command (RFC 1939 3: at least 600;
+    /// RFC 9051 5.4: an IMAP session at least 30 minutes, IDLE included,
+    /// so IMAP uses the larger of this and 1800).
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: u64,
     /// Failed logins from one address within `auth_failure_window` before

@@ -67,6 +67,46 @@ pub fn deliver(
     headers: &[u8],
     message: impl Read,
 ) -> io::Result<Delivered> {
+    write_message(maildir, hostname, headers, message, None, None)
+}
+
+/// How a message is filed by IMAP (APPEND): into `cur/` with these Maildir
+/// info flags (the letters after `:2,`) and this modification time, which
+/// IMAP reports as INTERNALDATE.
+#[derive(Debug, Clone, Copy)]
+pub struct Filing<'a> {
+    pub info: &'a str,
+    pub mtime: Option<SystemTime>,
+}
+
+/// Store `message` (CRLF or LF line ends) in `cur/` of the Maildir folder,
+/// durably, as [`deliver`] does for `new/`.
+pub fn store(
+    maildir: &Path,
+    hostname: &str,
+    message: impl Read,
+    filing: Filing<'_>,
+) -> io::Result<Delivered> {
+    write_message(
+        maildir,
+        hostname,
+        b"",
+        message,
+        Some(filing.info),
+        filing.mtime,
+    )
+}
+
+/// Write tmp/, fsync, rename into new/ (`info` None) or cur/ with the
+/// info flags, fsync the directory.
+fn write_message(
+    maildir: &Path,
+    hostname: &str,
+    headers: &[u8],
+    message: impl Read,
+    info: Option<&str>,
+    mtime: Option<SystemTime>,
+) -> io::Result<Delivered> {
     let base = unique_name(hostname);
     let tmp = maildir
         .join("tmp")
@@ -80,7 +120,7 @@ pub fn deliver(
         }
         other => other?,
     };
-    let result = write_converted(file, headers, message);
+    let result = write_converted(file, headers, message, mtime);
     let (size, lines) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -88,9 +128,11 @@ pub fn deliver(
             return Err(e);
         }
     };
-    let final_path = maildir
-        .join("new")
-        .join(format!("{base},S={size},W={}", size + lines));
+    let name = format!("{base},S={size},W={}", size + lines);
+    let final_path = match info {
+        None => maildir.join("new").join(name),
+        Some(info) => maildir.join("cur").join(format!("{name}:2,{info}")),
+    };
     if let Err(e) = std::fs::rename(&tmp, &final_path) {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
@@ -102,10 +144,54 @@ pub fn deliver(
     })
 }
 
+/// Put a copy of the message file `source` into `cur/` of the folder
+/// `maildir` under a new unique name with the info flags `info`: a hard
+/// link (Maildir files never change, so both folders may share it), or a
+/// byte copy where links are impossible. The caller fsyncs `cur/` once
+/// for a batch ([`safeio::sync_dir`]). Returns the new file's path.
+pub fn link_copy(source: &Path, maildir: &Path, hostname: &str, info: &str) -> io::Result<PathBuf> {
+    let source_name = source
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let source_base = source_name.split(':').next().unwrap_or_default();
+    // Keep the ,S= and ,W= fields: the content is the same.
+    let sizes: String = source_base
+        .split(',')
+        .skip(1)
+        .filter(|f| f.starts_with("S=") || f.starts_with("W="))
+        .map(|f| format!(",{f}"))
+        .collect();
+    let target = maildir
+        .join("cur")
+        .join(format!("{}{sizes}:2,{info}", unique_name(hostname)));
+    match std::fs::hard_link(source, &target) {
+        Ok(()) => Ok(target),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(e),
+        Err(_) => {
+            let tmp = maildir
+                .join("tmp")
+                .join(format!("{}{DELIVERY_TMP_SUFFIX}", unique_name(hostname)));
+            let copied = std::fs::copy(source, &tmp)
+                .and_then(|_| File::open(&tmp)?.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, &target));
+            if copied.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            copied.map(|()| target)
+        }
+    }
+}
+
 /// Write headers + CRLF-to-LF converted message, fsync; returns bytes
 /// written and the number of LFs not preceded by CR (so that W= is the
 /// size once each such LF becomes CRLF, as IMAP and POP3 send it).
-fn write_converted(file: File, headers: &[u8], mut message: impl Read) -> io::Result<(u64, u64)> {
+fn write_converted(
+    file: File,
+    headers: &[u8],
+    mut message: impl Read,
+    mtime: Option<SystemTime>,
+) -> io::Result<(u64, u64)> {
     let mut out = BufWriter::with_capacity(64 * 1024, file);
     out.write_all(headers)?;
     let mut size = headers.len() as u64;
@@ -148,6 +234,9 @@ fn write_converted(file: File, headers: &[u8], mut message: impl Read) -> io::Re
         size += 1;
     }
     let file = out.into_inner().map_err(|e| e.into_error())?;
+    if let Some(mtime) = mtime {
+        file.set_modified(mtime)?;
+    }
     file.sync_all()?;
     Ok((size, lines))
 }

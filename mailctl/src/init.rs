@@ -63,6 +63,8 @@ pub fn run(args: &InitArgs) -> anyhow::Result<()> {
     write_new(&config_path, &text, 0o644)?;
     println!("created {}", config_path.display());
     println!("  smtp      127.0.0.1:{smtp_port}");
+    println!("  imap      127.0.0.1:{} (STARTTLS)", args.port_base + 143);
+    println!("  imaps     127.0.0.1:{}", args.port_base + 993);
     println!("  pop3      127.0.0.1:{} (STLS)", args.port_base + 110);
     println!("  pop3s     127.0.0.1:{}", args.port_base + 995);
     println!("  domain    {domain}");
@@ -88,6 +90,8 @@ fn write_tls(dir: &Path, hostname: &str) -> anyhow::Result<()> {
 
 fn config_text(hostname: &str, port_base: u16) -> String {
     let smtp_port = port_base + 25;
+    let imap_port = port_base + 143;
+    let imaps_port = port_base + 993;
     let pop3_port = port_base + 110;
     let pop3s_port = port_base + 995;
     format!(
@@ -120,6 +124,8 @@ delivery_concurrency = 8
 recipient_delimiter = "+"
 
 [maildird]
+imap_listen = ["127.0.0.1:{imap_port}"]
+imaps_listen = ["127.0.0.1:{imaps_port}"]
 pop3_listen = ["127.0.0.1:{pop3_port}"]
 pop3s_listen = ["127.0.0.1:{pop3s_port}"]
 allow_plaintext_auth = false

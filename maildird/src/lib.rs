@@ -1,6 +1,7 @@
-//! maildird: the POP3 (and, to come, IMAP) server over the Maildirs.
+//! maildird: the IMAP and POP3 server over the Maildirs.
 
 pub mod imap;
+pub mod login;
 pub mod mailbox_name;
 pub mod maildrop;
 pub mod pop3;

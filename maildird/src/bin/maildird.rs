@@ -1,4 +1,4 @@
-//! maildird: the POP3 server over the Maildirs. See maildird(8).
+//! maildird: the IMAP and POP3 server over the Maildirs. See maildird(8).
 
 use std::time::Duration;
 
@@ -6,6 +6,8 @@ use anyhow::Context;
 use common::config::Config;
 use common::daemon::{self, SignalEvent, Signals};
 use common::recipients::DirectoryCache;
+use mailsrv_maildird::imap::server::ImapServer;
+use mailsrv_maildird::imap::watch::FolderWatcher;
 use mailsrv_maildird::pop3::server::Pop3Server;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -33,18 +35,37 @@ fn bind(addrs: &[std::net::SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
 async fn run() -> anyhow::Result<()> {
     let (config_path, config) = daemon::start("maildird")?;
     let mut signals = Signals::install()?;
-    let directory = DirectoryCache::new(&config).context("loading users, aliases and domains")?;
+    let directory = std::sync::Arc::new(
+        DirectoryCache::new(&config).context("loading users, aliases and domains")?,
+    );
     let tls = tls_acceptor(&config)?;
+    let imap = bind(&config.maildird.imap_listen)?;
+    let imaps = bind(&config.maildird.imaps_listen)?;
     let pop3 = bind(&config.maildird.pop3_listen)?;
     let pop3s = bind(&config.maildird.pop3s_listen)?;
     let listen: Vec<_> = config
         .maildird
-        .pop3_listen
+        .imap_listen
         .iter()
+        .chain(&config.maildird.imaps_listen)
+        .chain(&config.maildird.pop3_listen)
         .chain(&config.maildird.pop3s_listen)
         .copied()
         .collect();
     let (stop_tx, stop_rx) = daemon::shutdown_channel();
+    let watcher = FolderWatcher::start().context("starting inotify")?;
+    let imap_server = ImapServer::new(
+        config.clone(),
+        Some(tls.clone()),
+        directory.clone(),
+        stop_rx.clone(),
+        watcher,
+    );
+    for (listeners, implicit_tls) in [(imap, false), (imaps, true)] {
+        for l in listeners {
+            tokio::spawn(imap_server.clone().serve(l, implicit_tls));
+        }
+    }
     let server = Pop3Server::new(config, Some(tls), directory, stop_rx);
     for (listeners, implicit_tls) in [(pop3, false), (pop3s, true)] {
         for l in listeners {
@@ -58,6 +79,7 @@ async fn run() -> anyhow::Result<()> {
             .and_then(|c| tls_acceptor(&c).map(|t| (c, t)));
         match reloaded {
             Ok((config, tls)) => {
+                imap_server.reload(config.clone(), Some(tls.clone()));
                 server.reload(config, Some(tls));
                 tracing::info!("configuration and certificate reloaded");
             }
@@ -67,7 +89,9 @@ async fn run() -> anyhow::Result<()> {
     tracing::info!("stopping");
     let _ = stop_tx.send(true);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while server.active_sessions() > 0 && tokio::time::Instant::now() < deadline {
+    while server.active_sessions() + imap_server.active_sessions() > 0
+        && tokio::time::Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())

@@ -5,12 +5,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use common::address::Address;
 use common::config::Config;
 use common::net::{accept_loop, read_line, ConnectionLimiter, Line};
 use common::recipients::DirectoryCache;
 use common::throttle::AuthThrottle;
-use common::userdb::maildir_path;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -19,6 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use super::command::{self, MAX_COMMAND_LINE};
 use super::output::MessageEncoder;
 use super::session::{Action, Pop3Policy, Session};
+use crate::login::{login, LoginError};
 use crate::maildrop::{Maildrop, MaildropError};
 
 /// A SASL response line may be longer than a command (RFC 5034 4).
@@ -36,7 +35,7 @@ pub struct Settings {
 /// What every POP3 session shares.
 pub struct Pop3Server {
     settings: RwLock<Arc<Settings>>,
-    directory: DirectoryCache,
+    directory: Arc<DirectoryCache>,
     throttle: AuthThrottle,
     connections: ConnectionLimiter,
     shutdown: watch::Receiver<bool>,
@@ -54,7 +53,7 @@ impl Pop3Server {
     pub fn new(
         config: Config,
         tls: Option<TlsAcceptor>,
-        directory: DirectoryCache,
+        directory: Arc<DirectoryCache>,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Pop3Server> {
         let limits = &config.maildird.limits;
@@ -338,29 +337,22 @@ impl Pop3Server {
         password: String,
         settings: &Settings,
     ) -> Result<Maildrop, String> {
-        if self.throttle.is_blocked(ip) {
-            tracing::warn!("pop3 login refused (too many failures): user=<{user}>, rip={ip}");
-            return Err("[SYS/TEMP] Too many failed logins; try again later".into());
-        }
-        let (dir, stale) = self.directory.current();
-        if let Some(e) = stale {
-            tracing::error!("keeping previous tables: {e}");
-        }
-        let name = user.to_string();
-        let ok = tokio::task::spawn_blocking(move || dir.users.authenticate(&name, &password))
-            .await
-            .unwrap_or(false);
-        let address = Address::parse(user).ok().filter(|_| ok);
-        let Some(address) = address else {
-            self.throttle.record_failure(ip);
-            // A line fail2ban can match.
-            tracing::warn!("pop3 authentication failed: user=<{user}>, rip={ip}");
-            return Err("[AUTH] Authentication failed".into());
-        };
-        let root = maildir_path(&settings.config.paths.mail_root, &address).map_err(|e| {
-            tracing::error!("pop3 [{ip}]: {e}");
-            "[SYS/PERM] Mailbox unavailable".to_string()
+        let root = login(
+            &self.directory,
+            &self.throttle,
+            &settings.config.paths.mail_root,
+            "pop3",
+            ip,
+            user,
+            password,
+        )
+        .await
+        .map_err(|e| match e {
+            LoginError::Throttled => "[SYS/TEMP] Too many failed logins; try again later",
+            LoginError::Failed => "[AUTH] Authentication failed",
+            LoginError::Unavailable => "[SYS/PERM] Mailbox unavailable",
         })?;
+        let address = user.to_string();
         match tokio::task::spawn_blocking(move || Maildrop::open(&root)).await {
             Ok(Ok(drop)) => Ok(drop),
             Ok(Err(MaildropError::Locked)) => {

@@ -1,0 +1,525 @@
+//! A selected IMAP mailbox over one Maildir folder: the session's view of
+//! its messages (sequence numbers, UIDs, flags), kept in step with the
+//! disk, and the changes a session makes (flags, expunge, copy, append).
+//!
+//! The view changes only when the session asks ([`Folder::refresh`]), so
+//! sequence numbers stay put while a command runs (RFC 9051 7.5.1).
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use common::flags::{FlagsError, Keywords, MessageFlags, SystemFlag};
+use common::maildir::{self, Filing};
+use common::safeio::sync_dir;
+use common::uidlist::{self, UidEntry};
+
+/// One message as the session sees it.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub uid: u32,
+    /// The Maildir base name (before `:`), stable across flag changes.
+    pub base: String,
+    /// The file name now.
+    pub file_name: String,
+    pub in_new: bool,
+    pub flags: MessageFlags,
+    /// Info letters that are neither system flags nor known keywords.
+    other: String,
+    /// \Recent (RFC 3501 only): this session moved it out of `new/`.
+    pub recent: bool,
+    /// Gone from disk; announced as EXPUNGE at the next chance.
+    pub gone: bool,
+    size: Option<u64>,
+}
+
+impl Message {
+    fn from_entry(entry: UidEntry, keywords: &Keywords) -> Message {
+        let (flags, other) = keywords.parse_info(entry.flags());
+        Message {
+            uid: entry.uid,
+            base: entry.base,
+            file_name: entry.file_name,
+            in_new: entry.in_new,
+            flags,
+            other,
+            recent: false,
+            gone: false,
+            size: None,
+        }
+    }
+
+    /// The file's path inside `folder`.
+    pub fn path(&self, folder: &Path) -> PathBuf {
+        folder
+            .join(if self.in_new { "new" } else { "cur" })
+            .join(&self.file_name)
+    }
+
+    /// Whether the message has this system flag.
+    pub fn has(&self, flag: SystemFlag) -> bool {
+        self.flags.system.contains(&flag)
+    }
+
+    /// Octets with CRLF line ends (RFC822.SIZE): the name's `,W=` field
+    /// (ours and Dovecot's), else counted once.
+    pub fn size(&mut self, folder: &Path) -> io::Result<u64> {
+        if let Some(s) = self.size.or_else(|| size_from_name(&self.base)) {
+            self.size = Some(s);
+            return Ok(s);
+        }
+        let mut file = std::fs::File::open(self.path(folder))?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let (mut size, mut prev) = (0u64, b'\n');
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            for &b in &buf[..n] {
+                if b == b'\n' && prev != b'\r' {
+                    size += 1;
+                }
+                size += 1;
+                prev = b;
+            }
+        }
+        self.size = Some(size);
+        Ok(size)
+    }
+
+    /// The size without reading the file, if the name tells it.
+    pub fn known_size(&self) -> Option<u64> {
+        self.size.or_else(|| size_from_name(&self.base))
+    }
+}
+
+/// `,W=` of a Maildir base name.
+fn size_from_name(base: &str) -> Option<u64> {
+    base.split(',')
+        .find_map(|f| f.strip_prefix("W="))
+        .and_then(|w| w.parse().ok())
+}
+
+/// What changed on disk since the last refresh, for untagged responses.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Sequence numbers to announce as EXPUNGE, in the order to send them.
+    pub expunged: Vec<u32>,
+    /// The new message count, if messages arrived.
+    pub exists: Option<u32>,
+    /// Sequence numbers whose flags changed.
+    pub flags_changed: Vec<u32>,
+    /// A keyword was defined: FLAGS must be sent again.
+    pub keywords_changed: bool,
+}
+
+/// How long after a directory change its mtime alone cannot be trusted
+/// to show a further change (coarse file system timestamps).
+const MTIME_SLACK: Duration = Duration::from_secs(2);
+
+/// A selected mailbox.
+pub struct Folder {
+    pub path: PathBuf,
+    pub uid_validity: u32,
+    pub uid_next: u32,
+    pub messages: Vec<Message>,
+    pub keywords: Keywords,
+    pub read_only: bool,
+    /// mtimes of new/ and cur/ at the last sync.
+    seen_mtimes: [Option<SystemTime>; 2],
+    /// This session defined a keyword: FLAGS goes out at the next refresh.
+    keywords_defined: bool,
+}
+
+impl Folder {
+    /// Open the folder at `path`. A read-write open takes the messages in
+    /// `new/` into `cur/` and marks them \Recent for this session.
+    pub fn open(path: &Path, read_only: bool) -> io::Result<Folder> {
+        let mut folder = Folder {
+            path: path.to_path_buf(),
+            uid_validity: 0,
+            uid_next: 1,
+            messages: Vec::new(),
+            keywords: Keywords::default(),
+            read_only,
+            seen_mtimes: [None, None],
+            keywords_defined: false,
+        };
+        folder.refresh(true)?;
+        Ok(folder)
+    }
+
+    /// Number of messages in the view.
+    pub fn exists(&self) -> u32 {
+        self.messages.len() as u32
+    }
+
+    fn dir_mtimes(&self) -> [Option<SystemTime>; 2] {
+        ["new", "cur"].map(|d| {
+            std::fs::metadata(self.path.join(d))
+                .and_then(|m| m.modified())
+                .ok()
+        })
+    }
+
+    /// Whether new/ or cur/ may have changed since the last sync.
+    fn maybe_changed(&self) -> bool {
+        let now = SystemTime::now();
+        let mtimes = self.dir_mtimes();
+        mtimes != self.seen_mtimes
+            || mtimes
+                .iter()
+                .any(|m| m.is_none_or(|m| now.duration_since(m).unwrap_or_default() < MTIME_SLACK))
+    }
+
+    /// Bring the view up to date with the disk. Messages that vanished
+    /// are removed (and reported) only when `allow_expunge`; until then
+    /// they stay, marked gone.
+    pub fn refresh(&mut self, allow_expunge: bool) -> io::Result<Changes> {
+        let mut changes = Changes {
+            keywords_changed: std::mem::take(&mut self.keywords_defined),
+            ..Changes::default()
+        };
+        if self.maybe_changed() {
+            self.sync(&mut changes)?;
+        }
+        if allow_expunge {
+            for i in (0..self.messages.len()).rev() {
+                if self.messages[i].gone {
+                    self.messages.remove(i);
+                    changes.expunged.push(i as u32 + 1);
+                }
+            }
+        }
+        Ok(changes)
+    }
+
+    fn sync(&mut self, changes: &mut Changes) -> io::Result<()> {
+        let mtimes = self.dir_mtimes();
+        let state = uidlist::sync(&self.path)?;
+        let keywords = Keywords::load(&self.path)?;
+        if keywords != self.keywords {
+            changes.keywords_changed = true;
+            self.keywords = keywords;
+        }
+        self.uid_validity = state.uid_validity;
+        self.uid_next = state.uid_next;
+        let mut on_disk: HashMap<u32, UidEntry> =
+            state.entries.into_iter().map(|e| (e.uid, e)).collect();
+        for (i, m) in self.messages.iter_mut().enumerate() {
+            match on_disk.remove(&m.uid) {
+                None => m.gone = true,
+                Some(e) if e.file_name != m.file_name || e.in_new != m.in_new => {
+                    let fresh = Message::from_entry(e, &self.keywords);
+                    if fresh.flags != m.flags {
+                        changes.flags_changed.push(i as u32 + 1);
+                    }
+                    m.file_name = fresh.file_name;
+                    m.in_new = fresh.in_new;
+                    m.flags = fresh.flags;
+                    m.other = fresh.other;
+                }
+                Some(e) if changes.keywords_changed => {
+                    let fresh = Message::from_entry(e, &self.keywords);
+                    if fresh.flags != m.flags {
+                        changes.flags_changed.push(i as u32 + 1);
+                        m.flags = fresh.flags;
+                        m.other = fresh.other;
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        let last = self.messages.last().map_or(0, |m| m.uid);
+        let mut arrived: Vec<UidEntry> = on_disk.into_values().filter(|e| e.uid > last).collect();
+        arrived.sort_by_key(|e| e.uid);
+        let mut moved = false;
+        let count_before = self.messages.len();
+        for e in arrived {
+            let mut m = Message::from_entry(e, &self.keywords);
+            if m.in_new && !self.read_only {
+                // RFC 3501 2.3.2: the first session to see it gets \Recent.
+                let target = format!(
+                    "{}:2,{}",
+                    m.base,
+                    m.file_name.split_once(":2,").map_or("", |(_, f)| f)
+                );
+                match std::fs::rename(m.path(&self.path), self.path.join("cur").join(&target)) {
+                    Ok(()) => {
+                        m.file_name = target;
+                        m.in_new = false;
+                        m.recent = true;
+                        moved = true;
+                    }
+                    // Another session took it first (or it was removed).
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            self.messages.push(m);
+        }
+        if moved {
+            sync_dir(&self.path.join("cur"))?;
+        }
+        if self.messages.len() != count_before {
+            changes.exists = Some(self.exists());
+        }
+        self.seen_mtimes = if moved { self.dir_mtimes() } else { mtimes };
+        Ok(())
+    }
+
+    /// Give message `index` these flags (keywords numbered as needed), by
+    /// renaming its file. A message that vanished is left alone.
+    pub fn set_flags(&mut self, index: usize, flags: MessageFlags) -> Result<(), FlagsError> {
+        if !flags.keywords.is_empty()
+            && flags
+                .keywords
+                .iter()
+                .any(|k| self.keywords.letter_of(k).is_none())
+        {
+            self.keywords = Keywords::ensure(&self.path, &flags.keywords)?;
+            self.keywords_defined = true;
+        }
+        let path = self.path.clone();
+        let m = &mut self.messages[index];
+        if m.gone || m.flags == flags {
+            return Ok(());
+        }
+        let target = format!("{}:2,{}", m.base, self.keywords.render(&flags, &m.other));
+        for attempt in 0..2 {
+            match std::fs::rename(m.path(&path), path.join("cur").join(&target)) {
+                Ok(()) => {
+                    m.file_name = target;
+                    m.in_new = false;
+                    m.flags = flags;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound && attempt == 0 => {
+                    // Renamed by another session: find its current name.
+                    let state = uidlist::sync(&path)?;
+                    match state.entries.into_iter().find(|e| e.uid == m.uid) {
+                        Some(e) => {
+                            m.file_name = e.file_name;
+                            m.in_new = e.in_new;
+                        }
+                        None => {
+                            m.gone = true;
+                            return Ok(());
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    m.gone = true;
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Make flag changes durable (one fsync for a whole STORE).
+    pub fn sync_flags(&self) -> io::Result<()> {
+        sync_dir(&self.path.join("cur"))
+    }
+
+    /// Remove the messages marked \Deleted (only those with a UID in
+    /// `uids`, for UID EXPUNGE). Returns the sequence numbers to announce,
+    /// highest first, so each stays valid as it is sent.
+    pub fn expunge(&mut self, uids: Option<&BTreeSet<u32>>) -> io::Result<Vec<u32>> {
+        self.remove_where(|m| m.has(SystemFlag::Deleted) && uids.is_none_or(|u| u.contains(&m.uid)))
+    }
+
+    /// Remove the messages with these UIDs (the second half of MOVE).
+    pub fn remove_uids(&mut self, uids: &BTreeSet<u32>) -> io::Result<Vec<u32>> {
+        self.remove_where(|m| uids.contains(&m.uid))
+    }
+
+    /// Delete the files of the chosen messages and drop them, and those
+    /// already gone, from the view; returns their sequence numbers.
+    fn remove_where(&mut self, chosen: impl Fn(&Message) -> bool) -> io::Result<Vec<u32>> {
+        let mut expunged = Vec::new();
+        for i in (0..self.messages.len()).rev() {
+            let m = &self.messages[i];
+            let remove = chosen(m);
+            if !remove && !m.gone {
+                continue;
+            }
+            if remove && !m.gone {
+                match std::fs::remove_file(m.path(&self.path)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            self.messages.remove(i);
+            expunged.push(i as u32 + 1);
+        }
+        if !expunged.is_empty() {
+            sync_dir(&self.path.join("cur"))?;
+            uidlist::sync(&self.path)?;
+        }
+        Ok(expunged)
+    }
+
+    /// Copy messages (by index) into the folder at `dest`, flags and
+    /// keywords kept. Returns the destination's UIDVALIDITY and each
+    /// (source UID, new UID) pair (RFC 4315 COPYUID).
+    pub fn copy_to(
+        &self,
+        indexes: &[usize],
+        dest: &Path,
+        hostname: &str,
+    ) -> Result<(u32, Vec<(u32, u32)>), FlagsError> {
+        let wanted: BTreeSet<String> = indexes
+            .iter()
+            .flat_map(|&i| self.messages[i].flags.keywords.iter().cloned())
+            .collect();
+        let dest_keywords = Keywords::ensure(dest, &wanted)?;
+        let mut copied = Vec::new();
+        for &i in indexes {
+            let m = &self.messages[i];
+            // Unknown lowercase letters are keywords of this folder only.
+            let other: String = m
+                .other
+                .chars()
+                .filter(|c| !c.is_ascii_lowercase())
+                .collect();
+            let info = dest_keywords.render(&m.flags, &other);
+            match maildir::link_copy(&m.path(&self.path), dest, hostname, &info) {
+                Ok(path) => copied.push((m.uid, path)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        sync_dir(&dest.join("cur"))?;
+        let state = uidlist::sync(dest)?;
+        let uid_of: HashMap<&str, u32> = state
+            .entries
+            .iter()
+            .map(|e| (e.base.as_str(), e.uid))
+            .collect();
+        let pairs = copied
+            .iter()
+            .filter_map(|(src, path)| {
+                let name = path.file_name()?.to_str()?;
+                let base = name.split(':').next()?;
+                uid_of.get(base).map(|&u| (*src, u))
+            })
+            .collect();
+        Ok((state.uid_validity, pairs))
+    }
+}
+
+/// Store an appended message in the folder at `dest` with `flags` and
+/// `date` (INTERNALDATE). Returns the folder's UIDVALIDITY and the UID.
+pub fn append(
+    dest: &Path,
+    hostname: &str,
+    message: impl Read,
+    flags: &MessageFlags,
+    date: Option<SystemTime>,
+) -> Result<(u32, u32), FlagsError> {
+    let keywords = Keywords::ensure(dest, &flags.keywords)?;
+    let info = keywords.render(flags, "");
+    let stored = maildir::store(
+        dest,
+        hostname,
+        message,
+        Filing {
+            info: &info,
+            mtime: date,
+        },
+    )?;
+    let state = uidlist::sync(dest)?;
+    let name = stored
+        .path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let base = name.split(':').next().unwrap_or_default();
+    let uid = state
+        .entries
+        .iter()
+        .find(|e| e.base == base)
+        .map(|e| e.uid)
+        .ok_or_else(|| io::Error::other("appended message vanished"))?;
+    Ok((state.uid_validity, uid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::maildir::create_maildir;
+
+    fn folder_with(names: &[&str]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        create_maildir(&path).unwrap();
+        for n in names {
+            std::fs::write(path.join(n), b"Subject: x\n\nbody\n").unwrap();
+        }
+        (dir, path)
+    }
+
+    #[test]
+    fn open_takes_new_messages_as_recent() {
+        let (_d, path) = folder_with(&["new/1.a.h,S=17,W=20", "cur/0.a.h:2,S"]);
+        let f = Folder::open(&path, false).unwrap();
+        assert_eq!(f.exists(), 2);
+        assert!(!f.messages[0].recent && f.messages[1].recent);
+        assert!(path.join("cur/1.a.h,S=17,W=20:2,").exists());
+        let ro = Folder::open(&path, true).unwrap();
+        assert!(ro.messages.iter().all(|m| !m.recent));
+    }
+
+    #[test]
+    fn refresh_reports_arrivals_flags_and_expunges() {
+        let (_d, path) = folder_with(&["cur/1.a.h:2,", "cur/2.a.h:2,"]);
+        let mut f = Folder::open(&path, false).unwrap();
+        let mut other = Folder::open(&path, false).unwrap();
+        std::fs::write(path.join("new/3.a.h"), b"x\n").unwrap();
+        let mut flags = MessageFlags::default();
+        flags.system.insert(SystemFlag::Flagged);
+        flags.keywords.insert("$Junk".into());
+        other.set_flags(0, flags.clone()).unwrap();
+        std::fs::remove_file(path.join("cur/2.a.h:2,")).unwrap();
+        let c = f.refresh(false).unwrap();
+        assert_eq!(c.exists, Some(3));
+        assert_eq!(c.flags_changed, vec![1]);
+        assert!(c.keywords_changed);
+        assert!(c.expunged.is_empty());
+        assert_eq!(f.messages[0].flags, flags);
+        let c = f.refresh(true).unwrap();
+        assert_eq!(c.expunged, vec![2]);
+        assert_eq!(f.exists(), 2);
+    }
+
+    #[test]
+    fn expunge_copy_append() {
+        let (_d, path) = folder_with(&["cur/1.a.h,S=17,W=20:2,T", "cur/2.a.h:2,"]);
+        let dest = path.parent().unwrap().join("g");
+        create_maildir(&dest).unwrap();
+        let mut f = Folder::open(&path, false).unwrap();
+        let (validity, pairs) = f.copy_to(&[0, 1], &dest, "h").unwrap();
+        assert_eq!(pairs, vec![(1, 1), (2, 2)]);
+        let g = Folder::open(&dest, true).unwrap();
+        assert_eq!(g.uid_validity, validity);
+        assert!(g.messages[0].has(SystemFlag::Deleted));
+        assert_eq!(g.messages[0].known_size(), Some(20));
+        assert_eq!(f.expunge(None).unwrap(), vec![1]);
+        assert_eq!(f.messages[0].uid, 2);
+        let mut flags = MessageFlags::default();
+        flags.system.insert(SystemFlag::Seen);
+        let (_, uid) = append(&dest, "h", &b"A: b\r\n\r\nc\r\n"[..], &flags, None).unwrap();
+        assert_eq!(uid, 3);
+        let g = Folder::open(&dest, true).unwrap();
+        assert!(g.messages[2].has(SystemFlag::Seen));
+        assert_eq!(
+            std::fs::read(g.messages[2].path(&dest)).unwrap(),
+            b"A: b\n\nc\n"
+        );
+    }
+}

@@ -1,0 +1,115 @@
+//! What a session sends: response bytes, and message files to stream
+//! with their LF line ends turned into CRLF, so a large message never
+//! has to sit in memory.
+
+use std::path::PathBuf;
+
+/// A piece of output, in order.
+#[derive(Debug)]
+pub enum Chunk {
+    Bytes(Vec<u8>),
+    /// Exactly `len` octets: the file with CRLF line ends (padded with
+    /// spaces or cut if the file does not match its announced size, so
+    /// the literal stays well-formed).
+    File {
+        path: PathBuf,
+        len: u64,
+    },
+}
+
+/// A session's pending output.
+#[derive(Debug, Default)]
+pub struct Output {
+    chunks: Vec<Chunk>,
+    current: Vec<u8>,
+}
+
+impl Output {
+    /// The buffer responses are written into.
+    pub fn buf(&mut self) -> &mut Vec<u8> {
+        &mut self.current
+    }
+
+    /// Append a line (CRLF added).
+    pub fn line(&mut self, text: &str) {
+        self.current.extend_from_slice(text.as_bytes());
+        self.current.extend_from_slice(b"\r\n");
+    }
+
+    /// Stream a message file here.
+    pub fn file(&mut self, path: PathBuf, len: u64) {
+        if !self.current.is_empty() {
+            self.chunks
+                .push(Chunk::Bytes(std::mem::take(&mut self.current)));
+        }
+        self.chunks.push(Chunk::File { path, len });
+    }
+
+    /// Octets waiting (files counted by length), to decide when to flush.
+    pub fn pending(&self) -> u64 {
+        self.current.len() as u64
+            + self
+                .chunks
+                .iter()
+                .map(|c| match c {
+                    Chunk::Bytes(b) => b.len() as u64,
+                    Chunk::File { len, .. } => *len,
+                })
+                .sum::<u64>()
+    }
+
+    /// Take everything written so far.
+    pub fn take(&mut self) -> Vec<Chunk> {
+        if !self.current.is_empty() {
+            self.chunks
+                .push(Chunk::Bytes(std::mem::take(&mut self.current)));
+        }
+        std::mem::take(&mut self.chunks)
+    }
+}
+
+/// Turns LF line ends into CRLF across chunk boundaries.
+#[derive(Debug, Default)]
+pub struct CrlfEncoder {
+    last: u8,
+}
+
+impl CrlfEncoder {
+    /// Append `input` to `out` with every LF not preceded by CR made CRLF.
+    pub fn encode(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        for &b in input {
+            if b == b'\n' && self.last != b'\r' {
+                out.push(b'\r');
+            }
+            out.push(b);
+            self.last = b;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crlf_across_chunks() {
+        let mut e = CrlfEncoder::default();
+        let mut out = Vec::new();
+        e.encode(b"a\nb\r", &mut out);
+        e.encode(b"\nc\n", &mut out);
+        assert_eq!(out, b"a\r\nb\r\nc\r\n");
+    }
+
+    #[test]
+    fn chunks_keep_order() {
+        let mut o = Output::default();
+        o.line("* 1 FETCH (BODY[] {3}");
+        o.file(PathBuf::from("/x"), 3);
+        o.line(")");
+        assert_eq!(o.pending(), 23 + 3 + 3);
+        let c = o.take();
+        assert_eq!(c.len(), 3);
+        assert!(matches!(&c[1], Chunk::File { len: 3, .. }));
+        assert!(o.take().is_empty());
+    }
+}

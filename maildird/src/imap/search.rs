@@ -1,0 +1,157 @@
+//! SEARCH criteria (RFC 9051 6.4.4) evaluated against one message.
+
+use std::io;
+use std::path::Path;
+
+use chrono::NaiveDate;
+use common::flags::SystemFlag;
+use imap_types::search::SearchKey;
+
+use super::fetch::{internal_date, load_message};
+use super::folder::Message;
+use super::mime::MessageView;
+use super::sequence::NumberSet;
+
+/// Deepest nesting of NOT/OR/() evaluated; imap-codec already refuses
+/// deeper input, this keeps the evaluator bounded on its own.
+const MAX_DEPTH: usize = 64;
+
+/// One message under test, its content read only if a key needs it.
+pub struct Candidate<'a> {
+    pub seq: u32,
+    pub message: &'a mut Message,
+    pub folder: &'a Path,
+    /// Highest sequence number and UID in the mailbox, for `*`.
+    pub largest_seq: u32,
+    pub largest_uid: u32,
+    content: Option<Vec<u8>>,
+}
+
+impl<'a> Candidate<'a> {
+    pub fn new(
+        seq: u32,
+        message: &'a mut Message,
+        folder: &'a Path,
+        largest_seq: u32,
+        largest_uid: u32,
+    ) -> Candidate<'a> {
+        Candidate {
+            seq,
+            message,
+            folder,
+            largest_seq,
+            largest_uid,
+            content: None,
+        }
+    }
+
+    fn content(&mut self) -> io::Result<&[u8]> {
+        if self.content.is_none() {
+            self.content = Some(load_message(&self.message.path(self.folder))?);
+        }
+        Ok(self.content.as_deref().unwrap_or_default())
+    }
+
+    fn with_view<T>(&mut self, f: impl FnOnce(&MessageView) -> T) -> io::Result<T> {
+        let content = self.content()?;
+        Ok(f(&MessageView::parse(content)))
+    }
+
+    fn internal_day(&self) -> io::Result<NaiveDate> {
+        let secs = internal_date(&self.message.path(self.folder))?;
+        Ok(chrono::DateTime::from_timestamp(secs, 0)
+            .unwrap_or_default()
+            .date_naive())
+    }
+}
+
+/// Whether the message matches every key of `keys` (their AND).
+pub fn matches_all(keys: &[SearchKey], c: &mut Candidate) -> io::Result<bool> {
+    for k in keys {
+        if !matches(k, c, 0)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn text(s: &impl AsRef<[u8]>) -> String {
+    String::from_utf8_lossy(s.as_ref()).into_owned()
+}
+
+fn matches(key: &SearchKey, c: &mut Candidate, depth: usize) -> io::Result<bool> {
+    if depth > MAX_DEPTH {
+        return Ok(false);
+    }
+    let flag = |c: &Candidate, f: SystemFlag| c.message.has(f);
+    Ok(match key {
+        SearchKey::And(keys) => {
+            for k in keys.as_ref() {
+                if !matches(k, c, depth + 1)? {
+                    return Ok(false);
+                }
+            }
+            true
+        }
+        SearchKey::SequenceSet(set) => NumberSet::resolve(set, c.largest_seq).contains(c.seq),
+        SearchKey::Uid(set) => NumberSet::resolve(set, c.largest_uid).contains(c.message.uid),
+        SearchKey::All => true,
+        SearchKey::Answered => flag(c, SystemFlag::Answered),
+        SearchKey::Deleted => flag(c, SystemFlag::Deleted),
+        SearchKey::Draft => flag(c, SystemFlag::Draft),
+        SearchKey::Flagged => flag(c, SystemFlag::Flagged),
+        SearchKey::Seen => flag(c, SystemFlag::Seen),
+        SearchKey::Unanswered => !flag(c, SystemFlag::Answered),
+        SearchKey::Undeleted => !flag(c, SystemFlag::Deleted),
+        SearchKey::Undraft => !flag(c, SystemFlag::Draft),
+        SearchKey::Unflagged => !flag(c, SystemFlag::Flagged),
+        SearchKey::Unseen => !flag(c, SystemFlag::Seen),
+        SearchKey::Recent => c.message.recent,
+        SearchKey::New => c.message.recent && !flag(c, SystemFlag::Seen),
+        SearchKey::Old => !c.message.recent,
+        SearchKey::Keyword(k) => has_keyword(c, k.as_ref()),
+        SearchKey::Unkeyword(k) => !has_keyword(c, k.as_ref()),
+        SearchKey::Larger(n) => c.message.size(c.folder)? > u64::from(*n),
+        SearchKey::Smaller(n) => c.message.size(c.folder)? < u64::from(*n),
+        SearchKey::Before(d) => c.internal_day()? < *d.as_ref(),
+        SearchKey::On(d) => c.internal_day()? == *d.as_ref(),
+        SearchKey::Since(d) => c.internal_day()? >= *d.as_ref(),
+        SearchKey::SentBefore(d) => c
+            .with_view(|v| v.sent_date())?
+            .is_some_and(|s| s < *d.as_ref()),
+        SearchKey::SentOn(d) => c
+            .with_view(|v| v.sent_date())?
+            .is_some_and(|s| s == *d.as_ref()),
+        SearchKey::SentSince(d) => c
+            .with_view(|v| v.sent_date())?
+            .is_some_and(|s| s >= *d.as_ref()),
+        SearchKey::Bcc(s) => header(c, "Bcc", &text(s))?,
+        SearchKey::Cc(s) => header(c, "Cc", &text(s))?,
+        SearchKey::From(s) => header(c, "From", &text(s))?,
+        SearchKey::To(s) => header(c, "To", &text(s))?,
+        SearchKey::Subject(s) => header(c, "Subject", &text(s))?,
+        SearchKey::Header(name, value) => header(c, &text(name), &text(value))?,
+        SearchKey::Body(s) => {
+            let needle = text(s);
+            c.with_view(|v| v.body_contains(&needle))?
+        }
+        SearchKey::Text(s) => {
+            let needle = text(s);
+            c.with_view(|v| v.text_contains(&needle))?
+        }
+        SearchKey::Not(k) => !matches(k, c, depth + 1)?,
+        SearchKey::Or(a, b) => matches(a, c, depth + 1)? || matches(b, c, depth + 1)?,
+    })
+}
+
+fn has_keyword(c: &Candidate, keyword: &str) -> bool {
+    c.message
+        .flags
+        .keywords
+        .iter()
+        .any(|k| k.eq_ignore_ascii_case(keyword))
+}
+
+fn header(c: &mut Candidate, name: &str, needle: &str) -> io::Result<bool> {
+    c.with_view(|v| v.header_contains(name, needle))
+}
