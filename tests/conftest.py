@@ -11,6 +11,7 @@ Binaries come from $MAILSRV_BIN_DIR, default <repo>/target/debug.
 
 from __future__ import annotations
 
+import imaplib
 import os
 import poplib
 import random
@@ -25,16 +26,16 @@ import tomllib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mailtest import (  # noqa: E402
-    CLIENT_NAME, LOCALHOST, RawPOP3, RawSMTP, bindable, greets, header,
-    insecure_tls_context, make_message, pid_alive, pop3_greets, process_mentions,
-    queued_id, read_pid, wait_until,
+    CLIENT_NAME, LOCALHOST, RawIMAP, RawPOP3, RawSMTP, bindable, greets, header,
+    imap_greets, insecure_tls_context, make_message, pid_alive, pop3_greets,
+    process_mentions, queued_id, read_pid, wait_until,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,8 +46,9 @@ HOSTNAME = "mx.example.test"
 DOMAIN = "example.test"
 # Daemons with a pid file in run/ (maildird's is absent until it runs).
 DAEMONS = ("master", "smtpd", "qmgr", "maildird")
-# smtpd listens on P+25, maildird's POP3 on P+110 (STLS) and P+995 (POP3S);
-# the others are reserved for later services.
+# smtpd listens on P+25, maildird's POP3 on P+110 (STLS) and P+995 (POP3S),
+# its IMAP on P+143 (STARTTLS) and P+993 (IMAPS); P+587 and P+465 are
+# reserved for submission.
 PORT_OFFSETS = (25, 587, 465, 143, 993, 110, 995)
 
 # The spool's subdirectories (ARCHITECTURE.md), data/ first: a message file
@@ -164,6 +166,11 @@ class Mailsrv:
         self.hostname = HOSTNAME
         self.domain = DOMAIN
         self.proc: subprocess.Popen | None = None
+        # Password of each user added with add_user(), for the clients'
+        # `user=` logins.
+        self.passwords: dict[str, str] = {}
+        # start() (so restart() too) also waits until IMAP and IMAPS greet.
+        self.wait_for_imap = False
 
     # ---- installation and configuration ---------------------------------
 
@@ -201,11 +208,24 @@ class Mailsrv:
         """The first maildird.pop3s_listen port (implicit TLS; P+995 from init)."""
         return self._listen_port("maildird", "pop3s_listen")
 
+    @property
+    def imap_port(self) -> int:
+        """The first maildird.imap_listen port (IMAP with STARTTLS; P+143 from init)."""
+        return self._listen_port("maildird", "imap_listen")
+
+    @property
+    def imaps_port(self) -> int:
+        """The first maildird.imaps_listen port (implicit TLS; P+993 from init)."""
+        return self._listen_port("maildird", "imaps_listen")
+
     def ctl(self, *args: str, input: str | None = None, check: bool = True) -> Result:
         return run_mailctl(["-c", str(self.config_path), *args], input=input, check=check)
 
     def add_user(self, addr: str, password: str = "pw", check: bool = True) -> Result:
-        return self.ctl("user", "add", addr, input=password + "\n", check=check)
+        result = self.ctl("user", "add", addr, input=password + "\n", check=check)
+        if result.returncode == 0:
+            self.passwords[addr] = password
+        return result
 
     def add_alias(self, source: str, *targets: str) -> Result:
         return self.ctl("alias", "add", source, *targets)
@@ -242,10 +262,13 @@ class Mailsrv:
         self.wait_ready()
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        """Wait until smtpd greets with 220."""
+        """Wait until smtpd greets with 220, and with `wait_for_imap` until
+        maildird greets on IMAP and IMAPS too."""
         deadline = time.monotonic() + timeout
         self._wait_greeting(lambda: greets(self.smtp_port),
                             f"port {self.smtp_port} gave no 220 greeting", deadline, timeout)
+        if self.wait_for_imap:
+            self.wait_imap_ready(timeout)
 
     def wait_pop3_ready(self, timeout: float = START_TIMEOUT) -> None:
         """Wait until maildird greets on its POP3 and POP3S ports. start()
@@ -254,6 +277,15 @@ class Mailsrv:
         for port, tls in ((self.pop3_port, False), (self.pop3s_port, True)):
             self._wait_greeting(lambda: pop3_greets(port, tls),
                                 f"port {port} ({'POP3S' if tls else 'POP3'}) gave no +OK greeting",
+                                deadline, timeout)
+
+    def wait_imap_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait until maildird greets with `* OK` on its IMAP and IMAPS
+        ports (start() does this itself when `wait_for_imap` is set)."""
+        deadline = time.monotonic() + timeout
+        for port, tls in ((self.imap_port, False), (self.imaps_port, True)):
+            self._wait_greeting(lambda: imap_greets(port, tls),
+                                f"port {port} ({'IMAPS' if tls else 'IMAP'}) gave no * OK greeting",
                                 deadline, timeout)
 
     def _wait_greeting(self, greeted, what: str, deadline: float, timeout: float) -> None:
@@ -426,6 +458,56 @@ class Mailsrv:
             raise
         return conn
 
+    # ---- IMAP ------------------------------------------------------------
+
+    def _imap_login(self, client: imaplib.IMAP4, user: str | None) -> imaplib.IMAP4:
+        """LOGIN as `user` with the password add_user() gave it, unless
+        `user` is None; closes the client if that fails."""
+        try:
+            if user is not None:
+                client.login(user, self.passwords[user])
+        except BaseException:
+            client.shutdown()
+            raise
+        return client
+
+    def imap(self, user: str | None = None, timeout: float = 15) -> imaplib.IMAP4:
+        """imaplib on the plain IMAP port, no TLS (login needs STARTTLS
+        unless maildird.allow_plaintext_auth); logged in as `user` if given."""
+        return self._imap_login(imaplib.IMAP4(LOCALHOST, self.imap_port, timeout=timeout), user)
+
+    def imaps(self, user: str | None = None, timeout: float = 15) -> imaplib.IMAP4_SSL:
+        """imaplib on the IMAPS port (implicit TLS, certificate not
+        verified); logged in as `user` if given."""
+        client = imaplib.IMAP4_SSL(LOCALHOST, self.imaps_port, timeout=timeout,
+                                   ssl_context=insecure_tls_context())
+        return self._imap_login(client, user)
+
+    def imap_starttls(self, user: str | None = None, timeout: float = 15) -> imaplib.IMAP4:
+        """imaplib on the plain port after STARTTLS (certificate not
+        verified); logged in as `user` if given."""
+        client = imaplib.IMAP4(LOCALHOST, self.imap_port, timeout=timeout)
+        try:
+            client.starttls(insecure_tls_context())
+        except BaseException:
+            client.shutdown()
+            raise
+        return self._imap_login(client, user)
+
+    def raw_imap(self, tls: bool = True, user: str | None = None,
+                 timeout: float = 10.0) -> RawIMAP:
+        """A RawIMAP connection (IMAPS when `tls`, else the plain port) whose
+        greeting has been read; logged in as `user` (LOGIN) if given."""
+        conn = RawIMAP(self.imaps_port if tls else self.imap_port, tls, timeout)
+        try:
+            conn.greeting()
+            if user is not None:
+                conn.login(user, self.passwords[user])
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
     def raw(self) -> RawSMTP:
         """A RawSMTP connection whose greeting has been read."""
         conn = RawSMTP(self.smtp_port)
@@ -463,6 +545,28 @@ class Mailsrv:
         except AssertionError as e:
             raise AssertionError(
                 f"{e}; found {len(self.messages(addr))}\n{self.log_tail()}") from None
+
+    def wait_for_delivery(self, addr: str, messages: list[bytes], timeout: float = 20) -> None:
+        """Wait until every message in `messages` (known by its Message-ID)
+        is in addr's INBOX, in new/ or cur/: an IMAP session may move a
+        delivered file from new/ to cur/ at once."""
+        wanted = {header(m, "Message-ID") for m in messages}
+        assert None not in wanted, "a message without Message-ID"
+        inbox = self.maildir(addr)
+
+        def delivered() -> bool:
+            found = set()
+            for sub in ("new", "cur"):
+                for path in (inbox / sub).iterdir() if (inbox / sub).is_dir() else ():
+                    try:
+                        found.add(header(path.read_bytes(), "Message-ID"))
+                    except FileNotFoundError:   # moved to cur/ meanwhile
+                        return False
+            return wanted <= found
+        try:
+            wait_until(delivered, timeout, f"{len(wanted)} message(s) in {inbox}")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.log_tail()}") from None
 
     @staticmethod
     def read_message(path: Path) -> bytes:
@@ -502,21 +606,28 @@ def _test_failed(node: pytest.Item) -> bool:
 @pytest.fixture
 def make_mailsrv(tmp_path: Path, request: pytest.FixtureRequest):
     """Factory: make_mailsrv(config={"smtpd.max_errors": 3}, start=True,
-    spool_tmpfs=None) initialises an installation, applies the config values
-    before the first start, and (by default) starts it; spool_tmpfs="300k"
-    runs it with a tmpfs of that size on its spool (see Mailsrv)."""
+    spool_tmpfs=None, users=(), wait_for_imap=False) initialises an
+    installation, applies the config values and adds the users (each with a
+    fresh password, kept in srv.passwords) before the first start, and (by
+    default) starts it; spool_tmpfs="300k" runs it with a tmpfs of that size
+    on its spool (see Mailsrv); wait_for_imap makes every start wait for the
+    IMAP and IMAPS greetings too."""
     if not MAILCTL.is_file():
         pytest.fail(f"{MAILCTL} not found: build with `cargo build --workspace` "
                     "or set MAILSRV_BIN_DIR")
     made: list[Mailsrv] = []
 
     def make(config: dict[str, Any] | None = None, start: bool = True,
-             spool_tmpfs: str | None = None) -> Mailsrv:
+             spool_tmpfs: str | None = None, users: Iterable[str] = (),
+             wait_for_imap: bool = False) -> Mailsrv:
         srv = Mailsrv(tmp_path / f"inst{len(made)}", free_port_base(), spool_tmpfs)
         made.append(srv)
+        srv.wait_for_imap = wait_for_imap
         srv.init()
         for key, value in (config or {}).items():
             srv.set_config(key, value)
+        for addr in users:
+            srv.add_user(addr, f"{addr.partition('@')[0]}-pw-{uuid.uuid4().hex[:8]}")
         if start:
             srv.start()
         return srv

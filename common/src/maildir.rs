@@ -20,6 +20,10 @@ pub const SPECIAL_FOLDERS: [&str; 5] = ["Sent", "Drafts", "Junk", "Trash", "Arch
 /// manager can recognise its own leftovers after a crash.
 pub const DELIVERY_TMP_SUFFIX: &str = ".delivering";
 
+/// Temporary names written by IMAP (APPEND, COPY across file systems):
+/// not qmgr's to remove at its start, since maildird may be writing them.
+const STORE_TMP_SUFFIX: &str = ".storing";
+
 /// Maildir's own rule: a file left in tmp/ for 36 hours is abandoned.
 const TMP_MAX_AGE: Duration = Duration::from_secs(36 * 3600);
 
@@ -108,9 +112,12 @@ fn write_message(
     mtime: Option<SystemTime>,
 ) -> io::Result<Delivered> {
     let base = unique_name(hostname);
-    let tmp = maildir
-        .join("tmp")
-        .join(format!("{base}{DELIVERY_TMP_SUFFIX}"));
+    let suffix = if info.is_some() {
+        STORE_TMP_SUFFIX
+    } else {
+        DELIVERY_TMP_SUFFIX
+    };
+    let tmp = maildir.join("tmp").join(format!("{base}{suffix}"));
     let open = || OpenOptions::new().write(true).create_new(true).open(&tmp);
     let file = match open() {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -171,7 +178,7 @@ pub fn link_copy(source: &Path, maildir: &Path, hostname: &str, info: &str) -> i
         Err(_) => {
             let tmp = maildir
                 .join("tmp")
-                .join(format!("{}{DELIVERY_TMP_SUFFIX}", unique_name(hostname)));
+                .join(format!("{}{STORE_TMP_SUFFIX}", unique_name(hostname)));
             let copied = std::fs::copy(source, &tmp)
                 .and_then(|_| File::open(&tmp)?.sync_all())
                 .and_then(|()| std::fs::rename(&tmp, &target));

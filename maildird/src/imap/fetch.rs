@@ -7,6 +7,7 @@ use std::path::Path;
 use common::flags::SystemFlag;
 use imap_types::fetch::{MessageDataItemName, Part, Section};
 
+use super::cache::FolderCache;
 use super::folder::Message;
 use super::mime::{MessageView, SectionText};
 use super::output::{CrlfEncoder, Output};
@@ -162,6 +163,13 @@ impl Loaded<'_> {
     }
 }
 
+/// Where the message lives.
+#[derive(Clone, Copy)]
+pub struct Target<'a> {
+    pub folder: &'a Path,
+    pub cache: &'a FolderCache,
+}
+
 /// Write `* seq FETCH (...)` for message `m` of the folder at `folder`.
 /// `uid` adds UID first when the items lack it (UID FETCH, RFC 9051
 /// 6.4.9). Large whole-message bodies are streamed from the file.
@@ -169,12 +177,12 @@ pub fn write_fetch(
     out: &mut Output,
     seq: u32,
     m: &mut Message,
-    folder: &Path,
+    target: Target,
     items: &[MessageDataItemName],
     uid: bool,
     mode: FetchMode,
 ) -> Result<(), FetchError> {
-    let path = m.path(folder);
+    let path = m.path(target.folder);
     let mut loaded = Loaded {
         path: &path,
         content: None,
@@ -191,7 +199,7 @@ pub fn write_fetch(
             out.buf().push(b' ');
         }
         sep = true;
-        write_item(out, m, folder, &mut loaded, item, mode)?;
+        write_item(out, m, target, &mut loaded, item, mode)?;
     }
     out.buf().extend_from_slice(b")\r\n");
     Ok(())
@@ -200,12 +208,13 @@ pub fn write_fetch(
 fn write_item(
     out: &mut Output,
     m: &mut Message,
-    folder: &Path,
+    target: Target,
     loaded: &mut Loaded,
     item: &MessageDataItemName,
     mode: FetchMode,
 ) -> Result<(), FetchError> {
     let utf8 = mode.utf8;
+    let folder = target.folder;
     match item {
         MessageDataItemName::Uid => out
             .buf()
@@ -224,10 +233,18 @@ fn write_item(
                 .extend_from_slice(format!("RFC822.SIZE {size}").as_bytes());
         }
         MessageDataItemName::Envelope => {
-            let content = loaded.content()?;
-            let mut b = b"ENVELOPE ".to_vec();
-            MessageView::parse(content).write_envelope(&mut b, utf8);
-            out.buf().extend_from_slice(&b);
+            let envelope = match target.cache.envelope(folder, &m.base, utf8) {
+                Some(e) => e,
+                None => {
+                    let mut b = Vec::new();
+                    MessageView::parse(loaded.content()?).write_envelope(&mut b, utf8);
+                    let e: std::sync::Arc<[u8]> = b.into();
+                    target.cache.keep_envelope(folder, &m.base, utf8, e.clone());
+                    e
+                }
+            };
+            out.buf().extend_from_slice(b"ENVELOPE ");
+            out.buf().extend_from_slice(&envelope);
         }
         MessageDataItemName::Body | MessageDataItemName::BodyStructure => {
             let extensible = matches!(item, MessageDataItemName::BodyStructure);

@@ -8,12 +8,15 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use common::flags::{FlagsError, Keywords, MessageFlags, SystemFlag};
 use common::maildir::{self, Filing};
 use common::safeio::sync_dir;
 use common::uidlist::{self, UidEntry};
+
+use super::cache::{FolderCache, Snapshot};
 
 /// One message as the session sees it.
 #[derive(Debug, Clone)]
@@ -35,12 +38,12 @@ pub struct Message {
 }
 
 impl Message {
-    fn from_entry(entry: UidEntry, keywords: &Keywords) -> Message {
+    fn from_entry(entry: &UidEntry, keywords: &Keywords) -> Message {
         let (flags, other) = keywords.parse_info(entry.flags());
         Message {
             uid: entry.uid,
-            base: entry.base,
-            file_name: entry.file_name,
+            base: entry.base.clone(),
+            file_name: entry.file_name.clone(),
             in_new: entry.in_new,
             flags,
             other,
@@ -115,10 +118,6 @@ pub struct Changes {
     pub keywords_changed: bool,
 }
 
-/// How long after a directory change its mtime alone cannot be trusted
-/// to show a further change (coarse file system timestamps).
-const MTIME_SLACK: Duration = Duration::from_secs(2);
-
 /// A selected mailbox.
 pub struct Folder {
     pub path: PathBuf,
@@ -127,8 +126,9 @@ pub struct Folder {
     pub messages: Vec<Message>,
     pub keywords: Keywords,
     pub read_only: bool,
-    /// mtimes of new/ and cur/ at the last sync.
-    seen_mtimes: [Option<SystemTime>; 2],
+    cache: Arc<FolderCache>,
+    /// The folder state this view was last brought up to date with.
+    seen: Option<Arc<Snapshot>>,
     /// This session defined a keyword: FLAGS goes out at the next refresh.
     keywords_defined: bool,
 }
@@ -136,7 +136,7 @@ pub struct Folder {
 impl Folder {
     /// Open the folder at `path`. A read-write open takes the messages in
     /// `new/` into `cur/` and marks them \Recent for this session.
-    pub fn open(path: &Path, read_only: bool) -> io::Result<Folder> {
+    pub fn open(path: &Path, read_only: bool, cache: Arc<FolderCache>) -> io::Result<Folder> {
         let mut folder = Folder {
             path: path.to_path_buf(),
             uid_validity: 0,
@@ -144,7 +144,8 @@ impl Folder {
             messages: Vec::new(),
             keywords: Keywords::default(),
             read_only,
-            seen_mtimes: [None, None],
+            cache,
+            seen: None,
             keywords_defined: false,
         };
         folder.refresh(true)?;
@@ -156,24 +157,6 @@ impl Folder {
         self.messages.len() as u32
     }
 
-    fn dir_mtimes(&self) -> [Option<SystemTime>; 2] {
-        ["new", "cur"].map(|d| {
-            std::fs::metadata(self.path.join(d))
-                .and_then(|m| m.modified())
-                .ok()
-        })
-    }
-
-    /// Whether new/ or cur/ may have changed since the last sync.
-    fn maybe_changed(&self) -> bool {
-        let now = SystemTime::now();
-        let mtimes = self.dir_mtimes();
-        mtimes != self.seen_mtimes
-            || mtimes
-                .iter()
-                .any(|m| m.is_none_or(|m| now.duration_since(m).unwrap_or_default() < MTIME_SLACK))
-    }
-
     /// Bring the view up to date with the disk. Messages that vanished
     /// are removed (and reported) only when `allow_expunge`; until then
     /// they stay, marked gone.
@@ -182,8 +165,14 @@ impl Folder {
             keywords_changed: std::mem::take(&mut self.keywords_defined),
             ..Changes::default()
         };
-        if self.maybe_changed() {
-            self.sync(&mut changes)?;
+        let snapshot = self.cache.snapshot(&self.path)?;
+        if !self
+            .seen
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, &snapshot))
+        {
+            self.sync(&snapshot, &mut changes)?;
+            self.seen = Some(snapshot);
         }
         if allow_expunge {
             for i in (0..self.messages.len()).rev() {
@@ -196,18 +185,15 @@ impl Folder {
         Ok(changes)
     }
 
-    fn sync(&mut self, changes: &mut Changes) -> io::Result<()> {
-        let mtimes = self.dir_mtimes();
-        let state = uidlist::sync(&self.path)?;
-        let keywords = Keywords::load(&self.path)?;
-        if keywords != self.keywords {
+    fn sync(&mut self, state: &Snapshot, changes: &mut Changes) -> io::Result<()> {
+        if state.keywords != self.keywords {
             changes.keywords_changed = true;
-            self.keywords = keywords;
+            self.keywords = state.keywords.clone();
         }
         self.uid_validity = state.uid_validity;
         self.uid_next = state.uid_next;
-        let mut on_disk: HashMap<u32, UidEntry> =
-            state.entries.into_iter().map(|e| (e.uid, e)).collect();
+        let mut on_disk: HashMap<u32, &UidEntry> =
+            state.entries.iter().map(|e| (e.uid, e)).collect();
         for (i, m) in self.messages.iter_mut().enumerate() {
             match on_disk.remove(&m.uid) {
                 None => m.gone = true,
@@ -233,7 +219,7 @@ impl Folder {
             }
         }
         let last = self.messages.last().map_or(0, |m| m.uid);
-        let mut arrived: Vec<UidEntry> = on_disk.into_values().filter(|e| e.uid > last).collect();
+        let mut arrived: Vec<&UidEntry> = on_disk.into_values().filter(|e| e.uid > last).collect();
         arrived.sort_by_key(|e| e.uid);
         let mut moved = false;
         let count_before = self.messages.len();
@@ -266,7 +252,6 @@ impl Folder {
         if self.messages.len() != count_before {
             changes.exists = Some(self.exists());
         }
-        self.seen_mtimes = if moved { self.dir_mtimes() } else { mtimes };
         Ok(())
     }
 
@@ -467,19 +452,19 @@ mod tests {
     #[test]
     fn open_takes_new_messages_as_recent() {
         let (_d, path) = folder_with(&["new/1.a.h,S=17,W=20", "cur/0.a.h:2,S"]);
-        let f = Folder::open(&path, false).unwrap();
+        let f = Folder::open(&path, false, Arc::default()).unwrap();
         assert_eq!(f.exists(), 2);
         assert!(!f.messages[0].recent && f.messages[1].recent);
         assert!(path.join("cur/1.a.h,S=17,W=20:2,").exists());
-        let ro = Folder::open(&path, true).unwrap();
+        let ro = Folder::open(&path, true, Arc::default()).unwrap();
         assert!(ro.messages.iter().all(|m| !m.recent));
     }
 
     #[test]
     fn refresh_reports_arrivals_flags_and_expunges() {
         let (_d, path) = folder_with(&["cur/1.a.h:2,", "cur/2.a.h:2,"]);
-        let mut f = Folder::open(&path, false).unwrap();
-        let mut other = Folder::open(&path, false).unwrap();
+        let mut f = Folder::open(&path, false, Arc::default()).unwrap();
+        let mut other = Folder::open(&path, false, Arc::default()).unwrap();
         std::fs::write(path.join("new/3.a.h"), b"x\n").unwrap();
         let mut flags = MessageFlags::default();
         flags.system.insert(SystemFlag::Flagged);
@@ -502,10 +487,10 @@ mod tests {
         let (_d, path) = folder_with(&["cur/1.a.h,S=17,W=20:2,T", "cur/2.a.h:2,"]);
         let dest = path.parent().unwrap().join("g");
         create_maildir(&dest).unwrap();
-        let mut f = Folder::open(&path, false).unwrap();
+        let mut f = Folder::open(&path, false, Arc::default()).unwrap();
         let (validity, pairs) = f.copy_to(&[0, 1], &dest, "h").unwrap();
         assert_eq!(pairs, vec![(1, 1), (2, 2)]);
-        let g = Folder::open(&dest, true).unwrap();
+        let g = Folder::open(&dest, true, Arc::default()).unwrap();
         assert_eq!(g.uid_validity, validity);
         assert!(g.messages[0].has(SystemFlag::Deleted));
         assert_eq!(g.messages[0].known_size(), Some(20));
@@ -515,7 +500,7 @@ mod tests {
         flags.system.insert(SystemFlag::Seen);
         let (_, uid) = append(&dest, "h", &b"A: b\r\n\r\nc\r\n"[..], &flags, None).unwrap();
         assert_eq!(uid, 3);
-        let g = Folder::open(&dest, true).unwrap();
+        let g = Folder::open(&dest, true, Arc::default()).unwrap();
         assert!(g.messages[2].has(SystemFlag::Seen));
         assert_eq!(
             std::fs::read(g.messages[2].path(&dest)).unwrap(),

@@ -4,11 +4,13 @@
 use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use common::flags::SystemFlag;
 use common::maildir::create_maildir;
 use common::safeio::{sync_dir, write_atomic};
 
+use crate::imap::cache::FolderCache;
 use crate::imap::folder::Folder;
 use crate::mailbox_name::{encode_mutf7, MailboxName, DELIMITER};
 
@@ -57,14 +59,21 @@ pub struct StatusInfo {
 /// One user's mailboxes.
 pub struct Mailboxes {
     root: PathBuf,
+    cache: Arc<FolderCache>,
 }
 
 impl Mailboxes {
     /// The tree whose INBOX is the Maildir at `root`.
-    pub fn new(root: &Path) -> Mailboxes {
+    pub fn new(root: &Path, cache: Arc<FolderCache>) -> Mailboxes {
         Mailboxes {
             root: root.to_path_buf(),
+            cache,
         }
+    }
+
+    /// The daemon's folder cache.
+    pub fn cache(&self) -> &Arc<FolderCache> {
+        &self.cache
     }
 
     /// The user's Maildir.
@@ -250,7 +259,7 @@ impl Mailboxes {
         if !self.exists(name) {
             return Err(MailboxError::NonExistent);
         }
-        let mut folder = Folder::open(&self.path(name), true)?;
+        let mut folder = Folder::open(&self.path(name), true, self.cache.clone())?;
         Ok(status_of(&mut folder))
     }
 }
@@ -292,7 +301,7 @@ mod tests {
     fn tree_operations() {
         let dir = tempfile::tempdir().unwrap();
         create_mailbox(dir.path()).unwrap();
-        let mb = Mailboxes::new(dir.path());
+        let mb = Mailboxes::new(dir.path(), Arc::default());
         mb.create(&name("Work")).unwrap();
         mb.create(&name("Work.Old")).unwrap();
         assert!(matches!(
@@ -326,7 +335,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         create_mailbox(dir.path()).unwrap();
         std::fs::write(dir.path().join("new/1.a.h"), b"x\n").unwrap();
-        let mb = Mailboxes::new(dir.path());
+        let mb = Mailboxes::new(dir.path(), Arc::default());
         mb.rename(&name("INBOX"), &name("Old")).unwrap();
         assert!(dir.path().join(".Old/new/1.a.h").exists());
         assert_eq!(mb.status(&name("INBOX")).unwrap().messages, 0);

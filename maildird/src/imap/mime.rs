@@ -323,7 +323,7 @@ impl<'m> Node<'m> {
             }
             (Kind::Leaf, Some((ty, sub))) => (ty, sub, ct),
             // RFC 2045 5.2: no or an invalid Content-Type.
-            (Kind::Leaf, None) => ("TEXT", "PLAIN", None),
+            (Kind::Leaf, None) => ("text", "plain", None),
         }
     }
 }
@@ -362,7 +362,7 @@ fn body_structure(out: &mut Vec<u8>, node: Node<'_>, ext: bool, utf8: bool) {
         for name in ["Content-ID", "Content-Description"] {
             sp_nstring(out, last_value(header, name).as_deref(), utf8);
         }
-        let encoding = transfer_encoding(header).unwrap_or_else(|| b"7BIT".to_vec());
+        let encoding = transfer_encoding(header).unwrap_or_else(|| b"7bit".to_vec());
         sp_nstring(out, Some(&encoding), utf8);
         out.extend_from_slice(format!(" {}", body.len()).as_bytes());
         if let Kind::Message(inner) = kind {
@@ -383,7 +383,7 @@ fn body_structure(out: &mut Vec<u8>, node: Node<'_>, ext: bool, utf8: bool) {
 }
 
 /// ` body-fld-dsp SP body-fld-lang SP body-fld-loc` (RFC 9051 9), such as
-/// ` ("attachment" ("FILENAME" "x.pdf")) ("en" "de") NIL`.
+/// ` ("attachment" ("filename" "x.pdf")) ("en" "de") NIL`.
 fn write_ext_tail(out: &mut Vec<u8>, node: Node<'_>, utf8: bool) {
     out.push(b' ');
     let disposition = node.parsed(HeaderName::ContentDisposition);
@@ -402,8 +402,9 @@ fn write_ext_tail(out: &mut Vec<u8>, node: Node<'_>, utf8: bool) {
     sp_nstring(out, last_value(header, "Content-Location").as_deref(), utf8);
 }
 
-/// body-fld-param (RFC 9051 9): `("NAME" "value" ...)` or NIL. Text that
-/// names no charset gets the default one (RFC 2046 4.1.2), as in Dovecot.
+/// body-fld-param (RFC 9051 9): `("name" "value" ...)` or NIL, names in
+/// lower case as Dovecot sends them. Text that names no charset gets the
+/// default one (RFC 2046 4.1.2), as in Dovecot.
 fn write_params(out: &mut Vec<u8>, ct: Option<&ContentType<'_>>, text: bool, utf8: bool) {
     let attributes = ct.and_then(|c| c.attributes()).unwrap_or_default();
     let named = attributes
@@ -411,8 +412,8 @@ fn write_params(out: &mut Vec<u8>, ct: Option<&ContentType<'_>>, text: bool, utf
         .any(|a| a.name.eq_ignore_ascii_case("charset"));
     let pairs = attributes
         .iter()
-        .map(|a| (a.name.to_ascii_uppercase(), &a.value[..]));
-    let default = (text && !named).then(|| ("CHARSET".to_string(), "US-ASCII"));
+        .map(|a| (a.name.to_ascii_lowercase(), &a.value[..]));
+    let default = (text && !named).then(|| ("charset".to_string(), "us-ascii"));
     write_list(out, pairs.chain(default), b" ", |out, (name, value)| {
         string(out, name.as_bytes(), utf8);
         out.push(b' ');
@@ -912,7 +913,7 @@ body
         assert_eq!(envelope_of(nothing), format!("({})", ["NIL"; 10].join(" ")));
         assert_eq!(
             structure_of(nothing, true),
-            "(\"TEXT\" \"PLAIN\" (\"CHARSET\" \"US-ASCII\") NIL NIL \"7BIT\" 18 1 NIL NIL NIL NIL)"
+            "(\"text\" \"plain\" (\"charset\" \"us-ascii\") NIL NIL \"7bit\" 18 1 NIL NIL NIL NIL)"
         );
     }
 
@@ -922,23 +923,23 @@ body
         // Sizes exclude the CRLF before each boundary; the enclosed
         // message is 232 octets in 13 lines.
         let text =
-            format!("(\"text\" \"plain\" (\"CHARSET\" \"US-ASCII\") NIL NIL \"7BIT\" 13 1 {ext})");
+            format!("(\"text\" \"plain\" (\"charset\" \"us-ascii\") NIL NIL \"7bit\" 13 1 {ext})");
         let pdf =
-            "(\"application\" \"pdf\" (\"NAME\" \"x.pdf\") \"<pdf1@example.com>\" \"A file\" \
-                   \"base64\" 12 NIL (\"attachment\" (\"FILENAME\" \"x.pdf\")) NIL NIL)";
+            "(\"application\" \"pdf\" (\"name\" \"x.pdf\") \"<pdf1@example.com>\" \"A file\" \
+                   \"base64\" 12 NIL (\"attachment\" (\"filename\" \"x.pdf\")) NIL NIL)";
         let carol = "((\"Carol\" NIL \"carol\" \"example.com\"))";
         let inner = format!(
-            "((\"text\" \"plain\" (\"CHARSET\" \"us-ascii\") NIL NIL \"7BIT\" 10 1 {ext})\
-             (\"text\" \"html\" (\"CHARSET\" \"US-ASCII\") NIL NIL \"7BIT\" 12 1 {ext}) \
-             \"alternative\" (\"BOUNDARY\" \"inner\") NIL NIL NIL)"
+            "((\"text\" \"plain\" (\"charset\" \"us-ascii\") NIL NIL \"7bit\" 10 1 {ext})\
+             (\"text\" \"html\" (\"charset\" \"us-ascii\") NIL NIL \"7bit\" 12 1 {ext}) \
+             \"alternative\" (\"boundary\" \"inner\") NIL NIL NIL)"
         );
         let message = format!(
-            "(\"message\" \"rfc822\" NIL NIL \"forwarded\" \"7BIT\" 232 \
+            "(\"message\" \"rfc822\" NIL NIL \"forwarded\" \"7bit\" 232 \
              (NIL \"inner\" {carol} {carol} {carol} NIL NIL NIL NIL NIL) {inner} 13 {ext})"
         );
         assert_eq!(
             structure_of(&crlf(MIXED), true),
-            format!("({text}{pdf}{message} \"mixed\" (\"BOUNDARY\" \"outer\") NIL NIL NIL)")
+            format!("({text}{pdf}{message} \"mixed\" (\"boundary\" \"outer\") NIL NIL NIL)")
         );
         // An encoded message/rfc822 (RFC 2046 5.2.1 forbids it) is opaque.
         let encoded =
@@ -947,10 +948,10 @@ body
         assert_eq!(structure_of(&crlf(encoded), false), opaque);
         // BODY: no extension data, down to the enclosed message.
         let body = structure_of(&crlf(MIXED), false);
-        let inner = "((\"text\" \"plain\" (\"CHARSET\" \"us-ascii\") NIL NIL \"7BIT\" 10 1)\
-                     (\"text\" \"html\" (\"CHARSET\" \"US-ASCII\") NIL NIL \"7BIT\" 12 1) \"alternative\")";
+        let inner = "((\"text\" \"plain\" (\"charset\" \"us-ascii\") NIL NIL \"7bit\" 10 1)\
+                     (\"text\" \"html\" (\"charset\" \"us-ascii\") NIL NIL \"7bit\" 12 1) \"alternative\")";
         assert!(body
-            .starts_with("((\"text\" \"plain\" (\"CHARSET\" \"US-ASCII\") NIL NIL \"7BIT\" 13 1)"));
+            .starts_with("((\"text\" \"plain\" (\"charset\" \"us-ascii\") NIL NIL \"7bit\" 13 1)"));
         assert!(body.ends_with(&format!("{inner} 13) \"mixed\")")), "{body}");
     }
 

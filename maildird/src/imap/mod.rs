@@ -1,5 +1,6 @@
 //! IMAP4rev2 (RFC 9051) and IMAP4rev1 (RFC 3501) over the Maildirs.
 
+pub mod cache;
 pub mod command;
 pub mod fetch;
 pub mod folder;

@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use super::cache::FolderCache;
 use super::command;
 use super::output::{Chunk, CrlfEncoder, Output};
 use super::session::{Action, ImapPolicy, Session};
@@ -52,6 +53,7 @@ pub struct ImapServer {
     connections: ConnectionLimiter,
     shutdown: watch::Receiver<bool>,
     watcher: FolderWatcher,
+    cache: Arc<FolderCache>,
 }
 
 /// How a session on a plain connection ended.
@@ -66,8 +68,10 @@ enum Incoming {
         message: Vec<u8>,
         appended: Option<PathBuf>,
     },
-    /// Refused for its size; answered `tag NO [TOOBIG]` or `* BAD`.
+    /// A literal refused for its size: `tag NO [TOOBIG]`.
     TooBig(Option<String>),
+    /// A line over the limit: `tag BAD`.
+    TooLong(Option<String>),
     Eof,
 }
 
@@ -92,6 +96,7 @@ impl ImapServer {
             connections: ConnectionLimiter::default(),
             shutdown,
             watcher,
+            cache: Arc::default(),
         })
     }
 
@@ -155,14 +160,26 @@ impl ImapServer {
         let result = if implicit_tls {
             match handshake(stream, &settings).await {
                 Some(tls) => self
-                    .session(tls, ip, &settings, Session::new(policy, true), true)
+                    .session(
+                        tls,
+                        ip,
+                        &settings,
+                        Session::new(policy, true, self.cache.clone()),
+                        true,
+                    )
                     .await
                     .map(|_| ()),
                 None => Ok(()),
             }
         } else {
             match self
-                .session(stream, ip, &settings, Session::new(policy, false), true)
+                .session(
+                    stream,
+                    ip,
+                    &settings,
+                    Session::new(policy, false, self.cache.clone()),
+                    true,
+                )
                 .await
             {
                 Ok(Ended::StartTls(stream, mut session)) => {
@@ -230,12 +247,17 @@ impl ImapServer {
                 Ok(Err(e)) => return Err(e),
                 Ok(Ok(Incoming::Eof)) => return Ok(Ended::Closed),
                 Ok(Ok(Incoming::TooBig(tag))) => {
-                    match tag {
-                        Some(tag) => session
-                            .out
-                            .line(&format!("{tag} NO [TOOBIG] Command too long")),
-                        None => session.out.line("* BAD Command line too long"),
-                    }
+                    let tag = tag.unwrap_or_else(|| "*".into());
+                    session
+                        .out
+                        .line(&format!("{tag} NO [TOOBIG] Literal too big"));
+                    continue;
+                }
+                Ok(Ok(Incoming::TooLong(tag))) => {
+                    let tag = tag.unwrap_or_else(|| "*".into());
+                    session
+                        .out
+                        .line(&format!("{tag} BAD [TOOBIG] Command line too long"));
                     continue;
                 }
                 Ok(Ok(Incoming::Command { message, appended })) => (message, appended),
@@ -461,7 +483,7 @@ async fn read_command<S: AsyncRead + AsyncWrite + Unpin>(
             Line::TooLong => {
                 discard(&appended);
                 message.extend_from_slice(&line);
-                return Ok(Incoming::TooBig(
+                return Ok(Incoming::TooLong(
                     syntax::command_name(&message).map(|(t, _)| t),
                 ));
             }

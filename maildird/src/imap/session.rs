@@ -16,6 +16,7 @@ use imap_types::search::SearchKey;
 use imap_types::sequence::SequenceSet;
 use imap_types::status::StatusDataItemName;
 
+use super::cache::FolderCache;
 use super::command::Request;
 use super::fetch::{self, FetchError, FetchMode};
 use super::folder::{self, Changes, Folder};
@@ -65,6 +66,7 @@ pub enum Action {
 /// An IMAP session.
 pub struct Session {
     policy: ImapPolicy,
+    cache: std::sync::Arc<FolderCache>,
     tls: bool,
     user: Option<String>,
     mailboxes: Option<Mailboxes>,
@@ -140,9 +142,10 @@ impl From<common::flags::FlagsError> for Done {
 
 impl Session {
     /// A new session; `tls` when the connection is already encrypted.
-    pub fn new(policy: ImapPolicy, tls: bool) -> Session {
+    pub fn new(policy: ImapPolicy, tls: bool, cache: std::sync::Arc<FolderCache>) -> Session {
         Session {
             policy,
+            cache,
             tls,
             user: None,
             mailboxes: None,
@@ -173,8 +176,8 @@ impl Session {
     }
 
     /// Where a streamed APPEND literal may be written before the command
-    /// is decoded: the user's Maildir `tmp/` (same file system as every
-    /// folder, so the message is later renamed, not copied).
+    /// is decoded: the user's Maildir `tmp/`. APPEND then stores it in
+    /// the target folder with LF line ends and removes it.
     pub fn append_spool(&self) -> Option<PathBuf> {
         self.mailboxes.as_ref().map(|m| m.root().join("tmp"))
     }
@@ -517,7 +520,7 @@ impl Session {
     /// The credentials were right: `root` is the user's Maildir.
     pub fn logged_in(&mut self, tag: &str, user: &str, root: &Path) {
         self.user = Some(user.to_string());
-        self.mailboxes = Some(Mailboxes::new(root));
+        self.mailboxes = Some(Mailboxes::new(root, self.cache.clone()));
         let caps = self.capabilities();
         self.finish(
             tag,
@@ -576,8 +579,11 @@ impl Session {
 
     /// A client's mailbox argument as a checked name.
     fn name(&self, mailbox: &Mailbox) -> Result<MailboxName, Done> {
-        let raw = mailbox_bytes(mailbox);
-        let text = std::str::from_utf8(&raw)
+        self.name_bytes(&mailbox_bytes(mailbox))
+    }
+
+    fn name_bytes(&self, raw: &[u8]) -> Result<MailboxName, Done> {
+        let text = std::str::from_utf8(raw)
             .map_err(|_| Done::no(Some("CANNOT"), "Mailbox name is not valid UTF-8"))?;
         if !self.utf8 && !text.is_ascii() {
             return Err(Done::no(
@@ -595,11 +601,11 @@ impl Session {
         f: impl FnOnce(&Mailboxes, &MailboxName) -> Result<Done, MailboxError>,
     ) -> Result<Done, Done> {
         let mb = self.mailboxes()?;
-        let name = self.name(mailbox)?;
         // A name ending in the delimiter declares a hierarchy (RFC 9051 6.3.4).
-        let name = match name.as_str().strip_suffix(DELIMITER) {
-            Some(stem) => MailboxName::from_client(stem, true).unwrap_or(name),
-            None => name,
+        let raw = mailbox_bytes(mailbox);
+        let name = match raw.strip_suffix(&[DELIMITER as u8]) {
+            Some(stem) if !stem.is_empty() => self.name_bytes(stem)?,
+            _ => self.name(mailbox)?,
         };
         f(mb, &name).map_err(Done::from)
     }
@@ -615,7 +621,8 @@ impl Session {
         if !mb.exists(&name) {
             return Err(Done::no(Some("NONEXISTENT"), "Mailbox does not exist"));
         }
-        let folder = Folder::open(&mb.path(&name), read_only).map_err(server_error)?;
+        let folder =
+            Folder::open(&mb.path(&name), read_only, self.cache.clone()).map_err(server_error)?;
         let flags = flag_list(&folder);
         self.out.line(&format!("* FLAGS ({flags})"));
         if read_only {
@@ -985,11 +992,15 @@ impl Session {
                 continue;
             }
             let mark = self.out.buf().len();
+            let target = fetch::Target {
+                folder: &path,
+                cache: &self.cache,
+            };
             match fetch::write_fetch(
                 &mut self.out,
                 i as u32 + 1,
                 m,
-                &path,
+                target,
                 &items_here,
                 uid,
                 mode,
