@@ -33,6 +33,11 @@ load "${demo[@]}" select --repeat 1
 load "${demo[@]}" select --repeat 5
 load "${demo[@]}" fetch-envelopes
 load "${demo[@]}" fetch-envelopes
+echo "after a restart (envelopes come from mailsrv-envelopes):"
+"$bin/mailctl" -c "$cfg" stop >/dev/null
+"$bin/mailctl" -c "$cfg" start >/dev/null
+load "${demo[@]}" select --repeat 1
+load "${demo[@]}" fetch-envelopes
 load "${demo[@]}" fetch-bodies --count 10000
 load "${demo[@]}" loop --clients 50 --seconds 10
 pid=$(pgrep -f "$bin/maildird" | head -n 1)

@@ -1,10 +1,16 @@
 //! State of folders shared by every session of the daemon: the folder's
 //! UID list and keywords as last read from disk (reused until `new/` or
 //! `cur/` changes, so SELECT of a large folder does not rescan it), and
-//! the ENVELOPE of each message once computed.
+//! the ENVELOPE of each message once computed, kept in the folder's
+//! `mailsrv-envelopes` file so a restart does not read every message
+//! again.
+//!
+//! The file is only a cache: records are appended (one write per FETCH),
+//! a torn or unreadable tail is ignored, and the file is rewritten with
+//! only the live messages when stale records outnumber them.
 
-use std::collections::HashMap;
-use std::io;
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -19,6 +25,11 @@ const MTIME_SLACK: Duration = Duration::from_secs(2);
 const MAX_ENVELOPES: usize = 500_000;
 /// Folders kept; past this, those no session uses are dropped.
 const MAX_FOLDERS: usize = 4096;
+/// The envelope cache's file inside the folder.
+const ENVELOPES_FILE: &str = "mailsrv-envelopes";
+const ENVELOPES_MAGIC: &[u8] = b"mailsrv-envelopes 1\n";
+
+type EnvelopeKey = (String, bool);
 
 /// A folder as last read from disk.
 #[derive(Debug)]
@@ -34,7 +45,11 @@ pub struct Snapshot {
 struct FolderState {
     snapshot: Option<(Arc<Snapshot>, [Option<SystemTime>; 2])>,
     /// ENVELOPE responses by (base name, UTF-8 session).
-    envelopes: HashMap<(String, bool), Arc<[u8]>>,
+    envelopes: HashMap<EnvelopeKey, Arc<[u8]>>,
+    /// Whether the file was read.
+    loaded: bool,
+    /// Computed since the last write to the file.
+    unsaved: Vec<(EnvelopeKey, Arc<[u8]>)>,
 }
 
 /// The daemon's cache of folders.
@@ -97,20 +112,109 @@ impl FolderCache {
     /// A cached ENVELOPE.
     pub fn envelope(&self, folder: &Path, base: &str, utf8: bool) -> Option<Arc<[u8]>> {
         let state = self.state(folder);
-        let state = state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+        if !state.loaded {
+            state.loaded = true;
+            load_envelopes(folder, &mut state);
+        }
         state.envelopes.get(&(base.to_string(), utf8)).cloned()
     }
 
     /// Remember an ENVELOPE (message files never change, so it stays
-    /// right while the file exists).
+    /// right while the file exists); [`FolderCache::save_envelopes`]
+    /// writes it out.
     pub fn keep_envelope(&self, folder: &Path, base: &str, utf8: bool, envelope: Arc<[u8]>) {
         let state = self.state(folder);
         let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
         if state.envelopes.len() >= MAX_ENVELOPES {
             state.envelopes.clear();
         }
-        state.envelopes.insert((base.to_string(), utf8), envelope);
+        let key = (base.to_string(), utf8);
+        state.unsaved.push((key.clone(), envelope.clone()));
+        state.envelopes.insert(key, envelope);
     }
+
+    /// Append the envelopes computed since the last call to the folder's
+    /// file, in one write.
+    pub fn save_envelopes(&self, folder: &Path) -> io::Result<()> {
+        let state = self.state(folder);
+        let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.unsaved.is_empty() {
+            return Ok(());
+        }
+        let mut out = Vec::new();
+        for ((base, utf8), envelope) in state.unsaved.drain(..) {
+            write_record(&mut out, &base, utf8, &envelope);
+        }
+        let path = folder.join(ENVELOPES_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)?;
+        if file.metadata()?.len() == 0 {
+            out.splice(0..0, ENVELOPES_MAGIC.iter().copied());
+        }
+        file.write_all(&out)
+    }
+}
+
+fn write_record(out: &mut Vec<u8>, base: &str, utf8: bool, envelope: &[u8]) {
+    out.extend_from_slice(format!("{base} {} {}\n", u8::from(utf8), envelope.len()).as_bytes());
+    out.extend_from_slice(envelope);
+    out.push(b'\n');
+}
+
+/// Read the folder's envelope file into `state`; rewrite it when most of
+/// its records are of messages no longer in the folder.
+fn load_envelopes(folder: &Path, state: &mut FolderState) {
+    let path = folder.join(ENVELOPES_FILE);
+    let Ok(bytes) = std::fs::read(&path) else {
+        return;
+    };
+    let Some(mut rest) = bytes.strip_prefix(ENVELOPES_MAGIC) else {
+        let _ = std::fs::remove_file(&path);
+        return;
+    };
+    let mut records = 0usize;
+    while let Some((key, envelope, tail)) = parse_record(rest) {
+        records += 1;
+        state.envelopes.insert(key, Arc::from(envelope));
+        rest = tail;
+    }
+    let Some((snapshot, _)) = &state.snapshot else {
+        return;
+    };
+    let live: HashSet<&str> = snapshot.entries.iter().map(|e| e.base.as_str()).collect();
+    state
+        .envelopes
+        .retain(|(base, _), _| live.contains(base.as_str()));
+    if records > 2 * state.envelopes.len() + 1000 {
+        let mut out = ENVELOPES_MAGIC.to_vec();
+        for ((base, utf8), envelope) in &state.envelopes {
+            write_record(&mut out, base, *utf8, envelope);
+        }
+        if let Err(e) = common::safeio::write_atomic(&path, &out) {
+            tracing::warn!("{}: {e}", path.display());
+        }
+    }
+}
+
+/// One `<base> <utf8> <length>\n<envelope>\n` record and what follows it.
+fn parse_record(bytes: &[u8]) -> Option<(EnvelopeKey, &[u8], &[u8])> {
+    let nl = bytes.iter().position(|&b| b == b'\n')?;
+    let head = std::str::from_utf8(&bytes[..nl]).ok()?;
+    let mut fields = head.split(' ');
+    let (base, utf8, len) = (fields.next()?, fields.next()?, fields.next()?);
+    let len: usize = len.parse().ok()?;
+    let body = bytes.get(nl + 1..)?;
+    if body.get(len) != Some(&b'\n') {
+        return None;
+    }
+    Some((
+        (base.to_string(), utf8 == "1"),
+        &body[..len],
+        &body[len + 1..],
+    ))
 }
 
 #[cfg(test)]
@@ -143,5 +247,19 @@ mod tests {
         cache.keep_envelope(dir.path(), "1.a.h", false, Arc::from(&b"(NIL)"[..]));
         assert!(cache.envelope(dir.path(), "1.a.h", false).is_some());
         assert!(cache.envelope(dir.path(), "1.a.h", true).is_none());
+        cache.save_envelopes(dir.path()).unwrap();
+        // A torn record at the end is ignored.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(ENVELOPES_FILE))
+            .unwrap();
+        f.write_all(b"2.a.h 0 99\n(NIL").unwrap();
+        let fresh = FolderCache::default();
+        fresh.snapshot(dir.path()).unwrap();
+        assert_eq!(
+            fresh.envelope(dir.path(), "1.a.h", false).as_deref(),
+            Some(&b"(NIL)"[..])
+        );
+        assert!(fresh.envelope(dir.path(), "2.a.h", false).is_none());
     }
 }

@@ -1027,6 +1027,9 @@ impl Session {
         if seen_changed {
             folder.sync_flags().map_err(server_error)?;
         }
+        if let Err(e) = self.cache.save_envelopes(&folder.path) {
+            tracing::warn!("{}: saving envelopes: {e}", folder.path.display());
+        }
         if missing {
             // RFC 9051 7.1: some messages went away meanwhile.
             return Err(Done::no(
