@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use common::flags::Keywords;
-use common::uidlist::{self, UidEntry};
+use common::uidlist;
+
+use super::folder::MessageFile;
 
 /// How long after a directory change its mtime alone cannot be trusted
 /// to show a further change (file system timestamps are coarse).
@@ -38,7 +40,7 @@ pub struct Snapshot {
     pub uid_next: u32,
     pub keywords: Keywords,
     /// Every message, by ascending UID.
-    pub entries: Vec<UidEntry>,
+    pub entries: Vec<Arc<MessageFile>>,
 }
 
 #[derive(Default)]
@@ -92,11 +94,17 @@ impl FolderCache {
             }
         }
         let list = uidlist::sync(folder)?;
+        let keywords = Keywords::load(folder)?;
+        let entries = list
+            .entries
+            .iter()
+            .map(|e| Arc::new(MessageFile::new(e, &keywords)))
+            .collect();
         let snapshot = Arc::new(Snapshot {
             uid_validity: list.uid_validity,
             uid_next: list.uid_next,
-            keywords: Keywords::load(folder)?,
-            entries: list.entries,
+            keywords,
+            entries,
         });
         if state
             .snapshot
@@ -231,7 +239,7 @@ mod tests {
         assert_eq!(a.entries.len(), 1);
         // Just changed: not trusted, read again, same content.
         let b = cache.snapshot(dir.path()).unwrap();
-        assert_eq!(b.entries, a.entries);
+        assert_eq!(b.entries[0].file_name, a.entries[0].file_name);
         std::fs::write(dir.path().join("new/2.a.h"), b"y\n").unwrap();
         assert_eq!(cache.snapshot(dir.path()).unwrap().entries.len(), 2);
         // Settled directories: the same snapshot comes back.

@@ -8,7 +8,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use common::flags::{FlagsError, Keywords, MessageFlags, SystemFlag};
@@ -18,9 +18,10 @@ use common::uidlist::{self, UidEntry};
 
 use super::cache::{FolderCache, Snapshot};
 
-/// One message as the session sees it.
-#[derive(Debug, Clone)]
-pub struct Message {
+/// A message file as read from disk: shared by every session's view
+/// (through [`super::cache::Snapshot`]) until its name changes.
+#[derive(Debug)]
+pub struct MessageFile {
     pub uid: u32,
     /// The Maildir base name (before `:`), stable across flag changes.
     pub base: String,
@@ -30,26 +31,44 @@ pub struct Message {
     pub flags: MessageFlags,
     /// Info letters that are neither system flags nor known keywords.
     other: String,
-    /// \Recent (RFC 3501 only): this session moved it out of `new/`.
-    pub recent: bool,
-    /// Gone from disk; announced as EXPUNGE at the next chance.
-    pub gone: bool,
-    size: Option<u64>,
+    size: OnceLock<u64>,
 }
 
-impl Message {
-    fn from_entry(entry: &UidEntry, keywords: &Keywords) -> Message {
+impl MessageFile {
+    /// The file of a UID list entry, its flags read with `keywords`.
+    pub fn new(entry: &UidEntry, keywords: &Keywords) -> MessageFile {
         let (flags, other) = keywords.parse_info(entry.flags());
-        Message {
+        MessageFile {
             uid: entry.uid,
             base: entry.base.clone(),
             file_name: entry.file_name.clone(),
             in_new: entry.in_new,
             flags,
             other,
-            recent: false,
-            gone: false,
-            size: None,
+            size: OnceLock::new(),
+        }
+    }
+
+    /// The same message under another name, with these flags.
+    fn renamed(
+        &self,
+        file_name: String,
+        in_new: bool,
+        flags: MessageFlags,
+        other: String,
+    ) -> MessageFile {
+        let size = OnceLock::new();
+        if let Some(s) = self.size.get() {
+            let _ = size.set(*s);
+        }
+        MessageFile {
+            uid: self.uid,
+            base: self.base.clone(),
+            file_name,
+            in_new,
+            flags,
+            other,
+            size,
         }
     }
 
@@ -67,9 +86,8 @@ impl Message {
 
     /// Octets with CRLF line ends (RFC822.SIZE): the name's `,W=` field
     /// (ours and Dovecot's), else counted once.
-    pub fn size(&mut self, folder: &Path) -> io::Result<u64> {
-        if let Some(s) = self.size.or_else(|| size_from_name(&self.base)) {
-            self.size = Some(s);
+    pub fn size(&self, folder: &Path) -> io::Result<u64> {
+        if let Some(s) = self.known_size() {
             return Ok(s);
         }
         let mut file = std::fs::File::open(self.path(folder))?;
@@ -88,13 +106,44 @@ impl Message {
                 prev = b;
             }
         }
-        self.size = Some(size);
-        Ok(size)
+        Ok(*self.size.get_or_init(|| size))
     }
 
-    /// The size without reading the file, if the name tells it.
+    /// The size without reading the file, if known.
     pub fn known_size(&self) -> Option<u64> {
-        self.size.or_else(|| size_from_name(&self.base))
+        self.size
+            .get()
+            .copied()
+            .or_else(|| size_from_name(&self.base))
+    }
+}
+
+/// One message as the session sees it: the shared file, and what is this
+/// session's own.
+#[derive(Debug, Clone)]
+pub struct Message {
+    file: Arc<MessageFile>,
+    /// \Recent (RFC 3501 only): this session moved it out of `new/`.
+    pub recent: bool,
+    /// Gone from disk; announced as EXPUNGE at the next chance.
+    pub gone: bool,
+}
+
+impl Message {
+    fn new(file: Arc<MessageFile>) -> Message {
+        Message {
+            file,
+            recent: false,
+            gone: false,
+        }
+    }
+}
+
+impl std::ops::Deref for Message {
+    type Target = MessageFile;
+
+    fn deref(&self) -> &MessageFile {
+        &self.file
     }
 }
 
@@ -192,50 +241,33 @@ impl Folder {
         }
         self.uid_validity = state.uid_validity;
         self.uid_next = state.uid_next;
-        let mut on_disk: HashMap<u32, &UidEntry> =
-            state.entries.iter().map(|e| (e.uid, e)).collect();
+        // Both lists are in UID order: walk them together.
+        let mut on_disk = state.entries.iter().peekable();
         for (i, m) in self.messages.iter_mut().enumerate() {
-            match on_disk.remove(&m.uid) {
+            while on_disk.next_if(|f| f.uid < m.uid).is_some() {}
+            match on_disk.next_if(|f| f.uid == m.uid) {
                 None => m.gone = true,
-                Some(e) if e.file_name != m.file_name || e.in_new != m.in_new => {
-                    let fresh = Message::from_entry(e, &self.keywords);
-                    if fresh.flags != m.flags {
+                Some(f) => {
+                    if f.flags != m.flags {
                         changes.flags_changed.push(i as u32 + 1);
                     }
-                    m.file_name = fresh.file_name;
-                    m.in_new = fresh.in_new;
-                    m.flags = fresh.flags;
-                    m.other = fresh.other;
+                    m.file = f.clone();
                 }
-                Some(e) if changes.keywords_changed => {
-                    let fresh = Message::from_entry(e, &self.keywords);
-                    if fresh.flags != m.flags {
-                        changes.flags_changed.push(i as u32 + 1);
-                        m.flags = fresh.flags;
-                        m.other = fresh.other;
-                    }
-                }
-                Some(_) => {}
             }
         }
         let last = self.messages.last().map_or(0, |m| m.uid);
-        let mut arrived: Vec<&UidEntry> = on_disk.into_values().filter(|e| e.uid > last).collect();
-        arrived.sort_by_key(|e| e.uid);
         let mut moved = false;
         let count_before = self.messages.len();
-        for e in arrived {
-            let mut m = Message::from_entry(e, &self.keywords);
+        for f in state.entries.iter().filter(|f| f.uid > last) {
+            let mut m = Message::new(f.clone());
             if m.in_new && !self.read_only {
                 // RFC 3501 2.3.2: the first session to see it gets \Recent.
-                let target = format!(
-                    "{}:2,{}",
-                    m.base,
-                    m.file_name.split_once(":2,").map_or("", |(_, f)| f)
-                );
+                let info = m.file_name.split_once(":2,").map_or("", |(_, f)| f);
+                let target = format!("{}:2,{info}", m.base);
                 match std::fs::rename(m.path(&self.path), self.path.join("cur").join(&target)) {
                     Ok(()) => {
-                        m.file_name = target;
-                        m.in_new = false;
+                        let (flags, other) = (m.flags.clone(), m.other.clone());
+                        m.file = Arc::new(m.file.renamed(target, false, flags, other));
                         m.recent = true;
                         moved = true;
                     }
@@ -273,22 +305,19 @@ impl Folder {
             return Ok(());
         }
         let target = format!("{}:2,{}", m.base, self.keywords.render(&flags, &m.other));
+        let mut source = m.path(&path);
         for attempt in 0..2 {
-            match std::fs::rename(m.path(&path), path.join("cur").join(&target)) {
+            match std::fs::rename(&source, path.join("cur").join(&target)) {
                 Ok(()) => {
-                    m.file_name = target;
-                    m.in_new = false;
-                    m.flags = flags;
+                    let other = m.other.clone();
+                    m.file = Arc::new(m.file.renamed(target, false, flags, other));
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound && attempt == 0 => {
                     // Renamed by another session: find its current name.
                     let state = uidlist::sync(&path)?;
                     match state.entries.into_iter().find(|e| e.uid == m.uid) {
-                        Some(e) => {
-                            m.file_name = e.file_name;
-                            m.in_new = e.in_new;
-                        }
+                        Some(e) => source = e.path(&path),
                         None => {
                             m.gone = true;
                             return Ok(());
