@@ -25,7 +25,16 @@ echo pw | "$bin/mailctl" -c "$cfg" user add idle@example.test >/dev/null
 "$bin/imapload" populate --maildir "$dir/mail/example.test/demo" --count "$count" --size 4096
 # The idle connections select a mailbox of ordinary size.
 "$bin/imapload" populate --maildir "$dir/mail/example.test/idle" --count 1000 --size 4096
-"$bin/mailctl" -c "$cfg" start >/dev/null
+# mailctl start waits for SMTP only; wait for IMAP too.
+start() {
+  "$bin/mailctl" -c "$cfg" start >/dev/null
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$((port_base + 143))") 2>/dev/null && return
+    sleep 0.1
+  done
+  echo "maildird did not start" >&2; return 1
+}
+start
 load() { "$bin/imapload" --server "127.0.0.1:$((port_base + 143))" --password pw "$@"; }
 echo "first SELECT (moves $count messages from new/ to cur/):"
 demo=(--user demo@example.test)
@@ -35,11 +44,15 @@ load "${demo[@]}" fetch-envelopes
 load "${demo[@]}" fetch-envelopes
 echo "after a restart (envelopes come from mailsrv-envelopes):"
 "$bin/mailctl" -c "$cfg" stop >/dev/null
-"$bin/mailctl" -c "$cfg" start >/dev/null
+start
 load "${demo[@]}" select --repeat 1
 load "${demo[@]}" fetch-envelopes
 load "${demo[@]}" fetch-bodies --count 10000
 load "${demo[@]}" loop --clients 50 --seconds 10
 pid=$(pgrep -f "$bin/maildird" | head -n 1)
 echo "maildird RSS after the runs above: $(grep VmRSS /proc/"$pid"/status)"
+# Measure idle connections on a fresh daemon.
+"$bin/mailctl" -c "$cfg" stop >/dev/null
+start
+pid=$(pgrep -f "$bin/maildird" | head -n 1)
 load --user idle@example.test idle-connections --connections 1000 --pid "$pid"

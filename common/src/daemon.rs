@@ -29,6 +29,20 @@ pub fn load_config(path: &Path) -> Result<Config, ConfigError> {
     Config::load(path)
 }
 
+/// Have glibc give large blocks (password hashing's memory, big response
+/// buffers) straight back to the kernel when freed. Its default raises the
+/// mmap threshold after each such free, so the next ones come from the
+/// per-thread heaps and stay resident: after a burst of Argon2 logins a
+/// daemon would keep gigabytes it no longer uses.
+fn return_large_allocations() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 /// The whole `main` of a daemon: run `body` on a tokio runtime with
 /// `threads` worker threads (0: one per core) and turn its error into a
 /// message on stderr and exit status 1.
@@ -37,6 +51,7 @@ where
     F: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
+    return_large_allocations();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if threads > 0 {
         builder.worker_threads(threads);
