@@ -313,6 +313,25 @@ def test_wrong_password_and_unknown_user(srv, how):
         select(client)
 
 
+def test_failed_logins_are_throttled(make_mailsrv):
+    srv = make_mailsrv(config={"maildird.limits.max_auth_failures": 3},
+                       users=[ALICE, BOB], wait_for_imap=True)
+    with srv.imaps() as client:
+        for attempt in range(3):
+            assert b"[AUTHENTICATIONFAILED]" in login_refusal(client, ALICE, f"wrong{attempt}")
+    # Now even the right password, of any user, by any method, is refused.
+    with srv.imaps() as client:
+        for user in (ALICE, BOB):
+            assert b"[UNAVAILABLE]" in login_refusal(client, user, srv.passwords[user]), user
+    with srv.raw_imap(tls=True) as conn:
+        response = plain_response(ALICE, srv.passwords[ALICE])
+        conn.expect(f"AUTHENTICATE PLAIN {response}", status="NO", code="UNAVAILABLE")
+    # Each failure leaves a line fail2ban can match.
+    log = srv.log()
+    assert log.count("imap authentication failed: user=<alice@example.test>, rip=127.0.0.1") == 3
+    assert "imap login refused (too many failures)" in log
+
+
 @pytest.mark.parametrize("how", ["imaps", "starttls"])
 def test_authenticate_plain(srv, how):
     alice = plain_response(ALICE, srv.passwords[ALICE])
@@ -1158,7 +1177,8 @@ def test_huge_literal_is_refused_before_it_is_sent(srv):
         assert parse_status(responses[-1])[1] == {"MESSAGES": 0}
 
 
-# (line, what must answer it): "tagged" a BAD with the line's tag, "untagged"
+# (line, what must answer it): "ok" the line's own OK, "tagged" a BAD with
+# the line's tag, "untagged"
 # a `* BAD` (no usable tag), "any" (nothing, or BAD). Untagged `* OK`s may
 # come along (Dovecot sends `* OK [CLOSED]` when a bad SELECT closed the
 # mailbox).
@@ -1172,6 +1192,8 @@ SYNTAX_ERRORS = (
     (b"x7 STORE 1 +FLAGS (\\Seen", "tagged"),
     (b"x8 SELECT", "tagged"),
     (b'"x9 NOOP', "untagged"),
+    (b"~} NOOP", "ok"),   # a valid tag (RFC 9051 9), once a parser crash
+    (b"x10 LIST \"\" " + b"*%" * 600, "tagged"),
     (b"*", "untagged"),
     (b"", "any"),
 )
@@ -1187,6 +1209,9 @@ def test_syntax_errors_get_bad_and_the_session_goes_on(srv):
             responses = conn.read_until_tagged(noop)
             assert tagged_status(responses) == "OK", (line, responses)
             answers = responses[:-1]
+            if answer == "ok":
+                assert answers[-1:] == [line.split(b" ", 1)[0] + b" OK NOOP completed"], answers
+                continue
             bad_tag = line.split(b" ", 1)[0] + b" BAD"
             assert all(r.startswith((bad_tag, b"* BAD", b"* OK")) for r in answers), (line, answers)
             if answer == "tagged":
@@ -1195,3 +1220,33 @@ def test_syntax_errors_get_bad_and_the_session_goes_on(srv):
                 assert any(r.startswith(b"* BAD") for r in answers), (line, answers)
         conn.select("INBOX")
         assert raw_uids(conn)
+
+
+def test_body_fetched_then_pipelined_store_arrives_whole(srv):
+    """A body streamed from its file must be sent before a pipelined
+    command renames that file (as mbsync pipelines FETCH and STORE)."""
+    body = b"".join(b"line %d of a body that must arrive whole\r\n" % i for i in range(2000))
+    message = make_message("pipelined") .replace(b"\r\n\r\n", b"\r\n\r\n" + body, 1)
+    with srv.raw_imap(user=ALICE) as conn:
+        _, uid = conn.append("INBOX", message)
+        conn.select("INBOX")
+        fetch, store = conn.tag(), conn.tag()
+        conn.send(f"{fetch} UID FETCH {uid} BODY.PEEK[]\r\n"
+                  f"{store} UID STORE {uid} +FLAGS.SILENT (\\Seen)\r\n")
+        responses = conn.read_until_tagged(fetch)
+        conn.read_until_tagged(store)
+        fetched = [r for r in responses if b"BODY[]" in r]
+        assert len(fetched) == 1, responses
+        assert fetched[0].split(b"}\r\n", 1)[1].startswith(message), "body damaged"
+
+
+def test_nul_in_a_message_never_goes_out_as_literal8_but_in_binary(srv):
+    message = make_message("nul").replace(b"Subject: nul", b"Subject: a\0b", 1)
+    with srv.raw_imap(user=ALICE) as conn:
+        conn.append("INBOX", message)
+        conn.select("INBOX")
+        responses = conn.expect("FETCH 1 (ENVELOPE BODY.PEEK[HEADER] BINARY.PEEK[])")
+        fetch = responses[0]
+        assert b"~{" not in fetch.split(b"BINARY[]")[0], fetch
+        assert b"a\x80b" in fetch, fetch
+        assert b"BINARY[] ~{" in fetch, fetch

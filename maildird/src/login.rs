@@ -30,8 +30,9 @@ pub async fn login(
     user: &str,
     password: String,
 ) -> Result<PathBuf, LoginError> {
+    let shown = loggable(user);
     if throttle.is_blocked(ip) {
-        tracing::warn!("{protocol} login refused (too many failures): user=<{user}>, rip={ip}");
+        tracing::warn!("{protocol} login refused (too many failures): user=<{shown}>, rip={ip}");
         return Err(LoginError::Throttled);
     }
     let (dir, stale) = directory.current();
@@ -46,11 +47,40 @@ pub async fn login(
     let Some(address) = address else {
         throttle.record_failure(ip);
         // A line fail2ban can match.
-        tracing::warn!("{protocol} authentication failed: user=<{user}>, rip={ip}");
+        tracing::warn!("{protocol} authentication failed: user=<{shown}>, rip={ip}");
         return Err(LoginError::Failed);
     };
     maildir_path(mail_root, &address).map_err(|e| {
         tracing::error!("{protocol} [{ip}]: {e}");
         LoginError::Unavailable
     })
+}
+
+/// A client-chosen name as it may appear in a log line: no control
+/// characters (a forged second line) and no `<>` (a forged `user=<>`
+/// field for fail2ban to match), each shown as `?`.
+pub fn loggable(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_control() || c == '<' || c == '>' {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_lines_cannot_be_forged() {
+        assert_eq!(
+            loggable("x>, rip=1.2.3.4\nimap authentication failed: user=<y"),
+            "x?, rip=1.2.3.4?imap authentication failed: user=?y"
+        );
+        assert_eq!(loggable("alice@example.test"), "alice@example.test");
+    }
 }

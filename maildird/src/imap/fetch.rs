@@ -32,12 +32,20 @@ pub fn internal_date(path: &Path) -> io::Result<i64> {
     })
 }
 
+/// Most octets of one message's FETCH response held in memory (many
+/// sections or partial ranges of a large message could add up to far
+/// more); past it the FETCH ends with `NO [LIMIT]`.
+pub const MAX_RESPONSE: usize = 256 * 1024 * 1024;
+
 /// Why a message's FETCH failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     /// RFC 3516 4.3: `NO [UNKNOWN-CTE]`.
     #[error("unknown Content-Transfer-Encoding")]
     UnknownCte,
+    /// The response for one message passed [`MAX_RESPONSE`].
+    #[error("response too large")]
+    TooLarge,
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -194,12 +202,16 @@ pub fn write_fetch(
         sep = true;
     }
     out.buf().extend_from_slice(&head);
+    let start = out.buffered();
     for item in items {
         if sep {
             out.buf().push(b' ');
         }
         sep = true;
         write_item(out, m, target, &mut loaded, item, mode)?;
+        if out.buffered().saturating_sub(start) > MAX_RESPONSE {
+            return Err(FetchError::TooLarge);
+        }
     }
     out.buf().extend_from_slice(b")\r\n");
     Ok(())

@@ -215,12 +215,14 @@ impl Folder {
             ..Changes::default()
         };
         let snapshot = self.cache.snapshot(&self.path)?;
+        let mut changed_uids = Vec::new();
+        let mut arrived = 0;
         if !self
             .seen
             .as_ref()
             .is_some_and(|s| Arc::ptr_eq(s, &snapshot))
         {
-            self.sync(&snapshot, &mut changes)?;
+            arrived = self.sync(&snapshot, &mut changes, &mut changed_uids)?;
             self.seen = Some(snapshot);
         }
         if allow_expunge {
@@ -231,10 +233,26 @@ impl Folder {
                 }
             }
         }
+        // Numbered after the EXPUNGEs, which are sent first.
+        if arrived > 0 {
+            changes.exists = Some(self.exists());
+        }
+        changes.flags_changed = changed_uids
+            .into_iter()
+            .filter_map(|uid| self.messages.binary_search_by_key(&uid, |m| m.uid).ok())
+            .map(|i| i as u32 + 1)
+            .collect();
         Ok(changes)
     }
 
-    fn sync(&mut self, state: &Snapshot, changes: &mut Changes) -> io::Result<()> {
+    /// Take in `state`: flag changes (by UID) into `changed`, vanished
+    /// messages marked gone, arrivals appended. Returns how many arrived.
+    fn sync(
+        &mut self,
+        state: &Snapshot,
+        changes: &mut Changes,
+        changed: &mut Vec<u32>,
+    ) -> io::Result<usize> {
         if state.keywords != self.keywords {
             changes.keywords_changed = true;
             self.keywords = state.keywords.clone();
@@ -243,15 +261,17 @@ impl Folder {
         self.uid_next = state.uid_next;
         // Both lists are in UID order: walk them together.
         let mut on_disk = state.entries.iter().peekable();
-        for (i, m) in self.messages.iter_mut().enumerate() {
+        for m in self.messages.iter_mut() {
             while on_disk.next_if(|f| f.uid < m.uid).is_some() {}
             match on_disk.next_if(|f| f.uid == m.uid) {
                 None => m.gone = true,
                 Some(f) => {
                     if f.flags != m.flags {
-                        changes.flags_changed.push(i as u32 + 1);
+                        changed.push(m.uid);
                     }
                     m.file = f.clone();
+                    // A failed read under an old name is not an expunge.
+                    m.gone = false;
                 }
             }
         }
@@ -281,10 +301,7 @@ impl Folder {
         if moved {
             sync_dir(&self.path.join("cur"))?;
         }
-        if self.messages.len() != count_before {
-            changes.exists = Some(self.exists());
-        }
-        Ok(())
+        Ok(self.messages.len() - count_before)
     }
 
     /// Give message `index` these flags (keywords numbered as needed), by
@@ -509,6 +526,19 @@ mod tests {
         let c = f.refresh(true).unwrap();
         assert_eq!(c.expunged, vec![2]);
         assert_eq!(f.exists(), 2);
+    }
+
+    #[test]
+    fn exists_after_expunges_counts_the_view_then() {
+        let (_d, path) = folder_with(&["cur/1.a.h:2,", "cur/2.a.h:2,"]);
+        let mut f = Folder::open(&path, false, Arc::default()).unwrap();
+        std::fs::remove_file(path.join("cur/1.a.h:2,")).unwrap();
+        std::fs::rename(path.join("cur/2.a.h:2,"), path.join("cur/2.a.h:2,S")).unwrap();
+        std::fs::write(path.join("new/3.a.h"), b"x\n").unwrap();
+        let c = f.refresh(true).unwrap();
+        assert_eq!(c.expunged, vec![1]);
+        assert_eq!(c.exists, Some(2));
+        assert_eq!(c.flags_changed, vec![1]);
     }
 
     #[test]

@@ -45,6 +45,46 @@ impl Output {
         self.chunks.push(Chunk::File { path, len });
     }
 
+    /// Octets held in memory (message files not counted).
+    pub fn buffered(&self) -> usize {
+        self.current.len()
+            + self
+                .chunks
+                .iter()
+                .map(|c| match c {
+                    Chunk::Bytes(b) => b.len(),
+                    Chunk::File { .. } => 0,
+                })
+                .sum::<usize>()
+    }
+
+    /// A point to go back to with [`Output::rollback`].
+    pub fn mark(&self) -> (usize, usize) {
+        (self.chunks.len(), self.current.len())
+    }
+
+    /// Drop what was written since `mark`.
+    pub fn rollback(&mut self, (chunks, current): (usize, usize)) {
+        if self.chunks.len() > chunks {
+            // Output went into chunks since the mark: the mark's bytes are
+            // the head of the first of them.
+            let mut first = match self.chunks.drain(chunks..).next() {
+                Some(Chunk::Bytes(b)) => b,
+                _ => Vec::new(),
+            };
+            first.truncate(current);
+            self.current = first;
+        } else {
+            self.current.truncate(current);
+        }
+    }
+
+    /// Whether message files wait to be streamed: they must go out before
+    /// the next command can rename or remove them.
+    pub fn has_files(&self) -> bool {
+        self.chunks.iter().any(|c| matches!(c, Chunk::File { .. }))
+    }
+
     /// Octets waiting (files counted by length), to decide when to flush.
     pub fn pending(&self) -> u64 {
         self.current.len() as u64
@@ -111,5 +151,13 @@ mod tests {
         assert_eq!(c.len(), 3);
         assert!(matches!(&c[1], Chunk::File { len: 3, .. }));
         assert!(o.take().is_empty());
+        o.line("kept");
+        let mark = o.mark();
+        o.line("* 2 FETCH (BODY[] {3}");
+        o.file(PathBuf::from("/y"), 3);
+        o.line(")");
+        o.rollback(mark);
+        assert!(!o.has_files());
+        assert_eq!(o.buffered(), 6);
     }
 }

@@ -36,6 +36,10 @@ const MAX_COMMAND: usize = 256 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// RFC 9051 5.4: an inactivity autologout timer of at least 30 minutes.
 const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// How long a client that has not logged in may stay silent (RFC 9051 5.4
+/// sets no minimum before login; a short one keeps idle strangers from
+/// holding the connection slots).
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Flush responses once this much is waiting (a big FETCH).
 const FLUSH_AT: u64 = 256 * 1024;
 
@@ -62,11 +66,21 @@ enum Ended<S> {
     StartTls(S, Box<Session>),
 }
 
+/// An APPEND literal streamed to a file, removed when dropped: after the
+/// command, or when the connection fails or times out halfway.
+struct SpooledLiteral(PathBuf);
+
+impl Drop for SpooledLiteral {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// A command as read from the client.
 enum Incoming {
     Command {
         message: Vec<u8>,
-        appended: Option<PathBuf>,
+        appended: Option<SpooledLiteral>,
     },
     /// A literal refused for its size: `tag NO [TOOBIG]`.
     TooBig(Option<String>),
@@ -219,7 +233,13 @@ impl ImapServer {
             session.greet();
         }
         loop {
-            if io.buffer().is_empty() || session.out.pending() >= FLUSH_AT {
+            // Pipelined commands wait while output is small, so one write
+            // carries several answers; message files go out at once, before
+            // a following command can rename or remove them.
+            if io.buffer().is_empty()
+                || session.out.pending() >= FLUSH_AT
+                || session.out.has_files()
+            {
                 flush(&mut io, &mut session.out).await?;
             }
             if *shutdown.borrow() {
@@ -236,7 +256,10 @@ impl ImapServer {
                 spool: session.append_spool(),
             };
             let read = tokio::select! {
-                r = tokio::time::timeout(idle, read_command(&mut io, &limits)) => r,
+                r = tokio::time::timeout(
+                    if session.user().is_some() { idle } else { LOGIN_TIMEOUT },
+                    read_command(&mut io, &limits),
+                ) => r,
                 _ = shutdown.changed() => continue,
             };
             let (message, appended) = match read {
@@ -264,11 +287,9 @@ impl ImapServer {
             };
             let request = command::decode(&message);
             drop(message);
-            let mut action =
-                tokio::task::block_in_place(|| session.handle(request, appended.clone()));
-            if let Some(path) = appended {
-                let _ = std::fs::remove_file(path);
-            }
+            let spooled = appended.as_ref().map(|a| a.0.clone());
+            let mut action = tokio::task::block_in_place(|| session.handle(request, spooled));
+            drop(appended);
             loop {
                 action = match action {
                     Action::Continue => break,
@@ -312,6 +333,10 @@ impl ImapServer {
                             return close(io, &mut session.out).await;
                         }
                         break;
+                    }
+                    Action::Resume => {
+                        flush(&mut io, &mut session.out).await?;
+                        tokio::task::block_in_place(|| session.resume())
                     }
                     Action::Close => return close(io, &mut session.out).await,
                 };
@@ -425,7 +450,12 @@ impl ImapServer {
         }
         drop(subscription);
         let mut line = Vec::new();
-        let done = match read_line(io, &mut line, MAX_LINE).await? {
+        let Ok(read) = tokio::time::timeout(timeout, read_line(io, &mut line, MAX_LINE)).await
+        else {
+            session.out.line("* BYE Autologout; idle for too long");
+            return Ok(false);
+        };
+        let done = match read? {
             Line::Eof => return Ok(false),
             Line::TooLong => false,
             Line::Complete => line.trim_ascii().eq_ignore_ascii_case(b"DONE"),
@@ -468,20 +498,13 @@ async fn read_command<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> std::io::Result<Incoming> {
     let mut message = Vec::new();
     let mut line = Vec::new();
-    let mut appended: Option<PathBuf> = None;
-    let discard = |appended: &Option<PathBuf>| {
-        if let Some(p) = appended {
-            let _ = std::fs::remove_file(p);
-        }
-    };
+    let mut appended: Option<SpooledLiteral> = None;
     loop {
         match read_line(io, &mut line, MAX_LINE).await? {
             Line::Eof => {
-                discard(&appended);
                 return Ok(Incoming::Eof);
             }
             Line::TooLong => {
-                discard(&appended);
                 message.extend_from_slice(&line);
                 return Ok(Incoming::TooLong(
                     syntax::command_name(&message).map(|(t, _)| t),
@@ -507,7 +530,6 @@ async fn read_command<S: AsyncRead + AsyncWrite + Unpin>(
             limits.literal
         };
         if length > limit || (!is_append && message.len() + length as usize > MAX_COMMAND) {
-            discard(&appended);
             let tag = tag();
             if !sync {
                 // RFC 7888 4: the bytes come anyway; read past them and the
@@ -530,15 +552,15 @@ async fn read_command<S: AsyncRead + AsyncWrite + Unpin>(
                 std::process::id(),
                 APPEND_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             ));
-            let mut file = tokio::fs::File::create(&path).await?;
-            appended = Some(path);
+            let guard = SpooledLiteral(path);
+            let mut file = tokio::fs::File::create(&guard.0).await?;
+            appended = Some(guard);
             let mut remaining = length;
             let mut buf = vec![0u8; 64 * 1024];
             while remaining > 0 {
                 let want = buf.len().min(remaining as usize);
                 let n = io.read(&mut buf[..want]).await?;
                 if n == 0 {
-                    discard(&appended);
                     return Ok(Incoming::Eof);
                 }
                 file.write_all(&buf[..n]).await?;
@@ -552,7 +574,6 @@ async fn read_command<S: AsyncRead + AsyncWrite + Unpin>(
             let at = message.len();
             message.resize(at + length as usize, 0);
             if let Err(e) = io.read_exact(&mut message[at..]).await {
-                discard(&appended);
                 return if e.kind() == std::io::ErrorKind::UnexpectedEof {
                     Ok(Incoming::Eof)
                 } else {
@@ -631,7 +652,14 @@ async fn stream_file<W: AsyncWrite + Unpin>(
     len: u64,
 ) -> std::io::Result<()> {
     let mut remaining = len;
-    if let Ok(mut file) = tokio::fs::File::open(path).await {
+    let opened = match tokio::fs::File::open(path).await {
+        Ok(f) => Some(f),
+        Err(_) => match renamed(path) {
+            Some(p) => tokio::fs::File::open(p).await.ok(),
+            None => None,
+        },
+    };
+    if let Some(mut file) = opened {
         let mut encoder = CrlfEncoder::default();
         let mut buf = vec![0u8; 64 * 1024];
         let mut converted = Vec::with_capacity(buf.len() * 2);
@@ -642,6 +670,10 @@ async fn stream_file<W: AsyncWrite + Unpin>(
             }
             converted.clear();
             encoder.encode(&buf[..n], &mut converted);
+            // As `wire::literal`: no NUL in a literal (RFC 9051 4.3).
+            for b in converted.iter_mut().filter(|b| **b == 0) {
+                *b = 0x80;
+            }
             let take = converted.len().min(remaining as usize);
             w.write_all(&converted[..take]).await?;
             remaining -= take as u64;
@@ -658,6 +690,20 @@ async fn stream_file<W: AsyncWrite + Unpin>(
         }
     }
     Ok(())
+}
+
+/// Where a message file went when another session changed its flags
+/// (same base name in `cur/`, any info).
+fn renamed(path: &std::path::Path) -> Option<PathBuf> {
+    let name = path.file_name()?.to_str()?;
+    let base = name.split(':').next()?;
+    let cur = path.parent()?.parent()?.join("cur");
+    let prefix = format!("{base}:");
+    std::fs::read_dir(&cur).ok()?.flatten().find_map(|e| {
+        let n = e.file_name();
+        let n = n.to_str()?;
+        (n == base || n.starts_with(&prefix)).then(|| cur.join(n))
+    })
 }
 
 async fn close<S: AsyncRead + AsyncWrite + Unpin>(

@@ -56,6 +56,8 @@ pub enum Action {
     SaslContinue { tag: String },
     /// Send the output, then start TLS.
     StartTls,
+    /// Send the output, then call [`Session::resume`] (a long FETCH).
+    Resume,
     /// Send `+ idling`, wait for DONE ([`Session::idle_done`]) while
     /// passing folder changes through [`Session::updates`].
     Idle { tag: String },
@@ -64,8 +66,23 @@ pub enum Action {
 }
 
 /// An IMAP session.
+/// A FETCH under way (see [`Session::resume`]).
+struct PendingFetch {
+    tag: String,
+    indexes: Vec<usize>,
+    next: usize,
+    items: Vec<MessageDataItemName<'static>>,
+    uid: bool,
+    missing: bool,
+    seen_changed: bool,
+}
+
+/// Output held in memory before a FETCH stops to let it be sent.
+const FETCH_CHUNK: usize = 256 * 1024;
+
 pub struct Session {
     policy: ImapPolicy,
+    pending_fetch: Option<PendingFetch>,
     cache: std::sync::Arc<FolderCache>,
     tls: bool,
     user: Option<String>,
@@ -145,6 +162,7 @@ impl Session {
     pub fn new(policy: ImapPolicy, tls: bool, cache: std::sync::Arc<FolderCache>) -> Session {
         Session {
             policy,
+            pending_fetch: None,
             cache,
             tls,
             user: None,
@@ -249,6 +267,7 @@ impl Session {
                 charset,
                 criteria,
             } => {
+                self.updates(false);
                 let done = self
                     .in_selected()
                     .and_then(|()| self.search(&tag, uid, ret, charset, &criteria));
@@ -257,6 +276,9 @@ impl Session {
             }
             Request::Imap { tag, body } => (tag, body),
         };
+        // Work on the folder as it is now: another session may have renamed
+        // or removed files since the last command (EXPUNGEs still wait).
+        self.updates(false);
         let uid_or_other = !matches!(
             body,
             CommandBody::Fetch { uid: false, .. }
@@ -378,7 +400,7 @@ impl Session {
                 macro_or_item_names,
                 uid,
                 ..
-            } => self.fetch(&sequence_set, macro_or_item_names, uid),
+            } => return self.start_fetch(tag, &sequence_set, macro_or_item_names, uid),
             CommandBody::Store {
                 sequence_set,
                 kind,
@@ -717,6 +739,13 @@ impl Session {
             }
         }
         universe.extend(subscribed.iter().cloned());
+        if list
+            .patterns
+            .iter()
+            .any(|p| p.len() + list.reference.len() > MAX_PATTERN)
+        {
+            return Err(Done::bad("Pattern too long"));
+        }
         let patterns: Vec<String> = list
             .patterns
             .iter()
@@ -724,11 +753,12 @@ impl Session {
                 let mut full = list.reference.clone();
                 full.extend_from_slice(p);
                 let text = String::from_utf8_lossy(&full).into_owned();
-                if utf8 {
+                let text = if utf8 {
                     text
                 } else {
                     decode_mutf7(&text).unwrap_or(text)
-                }
+                };
+                collapse_wildcards(&text)
             })
             .collect();
         let show_subscribed = list.return_subscribed || list.select_subscribed;
@@ -942,15 +972,22 @@ impl Session {
         Ok(Done::ok("EXPUNGE completed"))
     }
 
-    fn fetch(
+    fn start_fetch(
         &mut self,
+        tag: String,
         set: &SequenceSet,
-        items: MacroOrMessageDataItemNames,
+        items: MacroOrMessageDataItemNames<'static>,
         uid: bool,
-    ) -> Result<Done, Done> {
-        self.in_selected()?;
-        let indexes = self.resolve(set, uid)?;
-        let items: Vec<MessageDataItemName> = match items {
+    ) -> Action {
+        let resolved = self.in_selected().and_then(|()| self.resolve(set, uid));
+        let indexes = match resolved {
+            Ok(i) => i,
+            Err(done) => {
+                self.complete(&tag, Err(done), uid);
+                return Action::Continue;
+            }
+        };
+        let mut items: Vec<MessageDataItemName<'static>> = match items {
             MacroOrMessageDataItemNames::Macro(m) => {
                 let mut v = vec![
                     MessageDataItemName::Flags,
@@ -967,19 +1004,48 @@ impl Session {
             }
             MacroOrMessageDataItemNames::MessageDataItemNames(v) => v,
         };
+        // The same item twice is answered once.
+        let mut unique = Vec::with_capacity(items.len());
+        for item in items.drain(..) {
+            if !unique.contains(&item) {
+                unique.push(item);
+            }
+        }
+        self.pending_fetch = Some(PendingFetch {
+            tag,
+            indexes,
+            next: 0,
+            items: unique,
+            uid,
+            missing: false,
+            seen_changed: false,
+        });
+        self.resume()
+    }
+
+    /// Go on with a FETCH that stopped to let its output be sent, so a
+    /// FETCH of a whole mailbox never sits in memory at once.
+    pub fn resume(&mut self) -> Action {
+        let Some(mut p) = self.pending_fetch.take() else {
+            return Action::Continue;
+        };
         let mode = self.fetch_mode();
         let Some(folder) = self.selected.as_mut() else {
-            return Err(Done::bad("No mailbox selected"));
+            self.complete(&p.tag, Err(Done::bad("No mailbox selected")), p.uid);
+            return Action::Continue;
         };
-        let mut missing = false;
-        let mut seen_changed = false;
-        for i in indexes {
-            let mut items_here = items.clone();
-            if !folder.read_only && fetch::marks_seen(&folder.messages[i], &items) {
+        while p.next < p.indexes.len() && self.out.buffered() < FETCH_CHUNK {
+            let i = p.indexes[p.next];
+            p.next += 1;
+            let mut items_here = p.items.clone();
+            if !folder.read_only && fetch::marks_seen(&folder.messages[i], &p.items) {
                 let mut flags = folder.messages[i].flags.clone();
                 flags.system.insert(SystemFlag::Seen);
-                folder.set_flags(i, flags)?;
-                seen_changed = true;
+                if let Err(e) = folder.set_flags(i, flags) {
+                    self.complete(&p.tag, Err(Done::from(e)), p.uid);
+                    return Action::Continue;
+                }
+                p.seen_changed = true;
                 // RFC 9051 6.4.5: the changed flags go with the response.
                 if !items_here.contains(&MessageDataItemName::Flags) {
                     items_here.push(MessageDataItemName::Flags);
@@ -988,56 +1054,65 @@ impl Session {
             let path = folder.path.clone();
             let m = &mut folder.messages[i];
             if m.gone {
-                missing = true;
+                p.missing = true;
                 continue;
             }
-            let mark = self.out.buf().len();
+            let mark = self.out.mark();
             let target = fetch::Target {
                 folder: &path,
                 cache: &self.cache,
             };
-            match fetch::write_fetch(
+            let written = fetch::write_fetch(
                 &mut self.out,
                 i as u32 + 1,
                 m,
                 target,
                 &items_here,
-                uid,
+                p.uid,
                 mode,
-            ) {
-                Ok(()) => {}
-                Err(FetchError::UnknownCte) => {
-                    self.out.buf().truncate(mark);
-                    return Err(Done::no(
-                        Some("UNKNOWN-CTE"),
-                        "Unknown Content-Transfer-Encoding",
-                    ));
-                }
+            );
+            let failure = match written {
+                Ok(()) => continue,
                 Err(FetchError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                    self.out.buf().truncate(mark);
+                    self.out.rollback(mark);
                     m.gone = true;
-                    missing = true;
+                    p.missing = true;
+                    continue;
                 }
-                Err(FetchError::Io(e)) => {
-                    self.out.buf().truncate(mark);
-                    return Err(server_error(e));
+                Err(FetchError::UnknownCte) => {
+                    Done::no(Some("UNKNOWN-CTE"), "Unknown Content-Transfer-Encoding")
                 }
-            }
+                Err(FetchError::TooLarge) => {
+                    Done::no(Some("LIMIT"), "The response for one message is too large")
+                }
+                Err(FetchError::Io(e)) => server_error(e),
+            };
+            self.out.rollback(mark);
+            self.complete(&p.tag, Err(failure), p.uid);
+            return Action::Continue;
         }
-        if seen_changed {
-            folder.sync_flags().map_err(server_error)?;
+        if p.next < p.indexes.len() {
+            self.pending_fetch = Some(p);
+            return Action::Resume;
+        }
+        let mut done = Ok(Done::ok("FETCH completed"));
+        if p.seen_changed {
+            if let Err(e) = folder.sync_flags() {
+                done = Err(server_error(e));
+            }
         }
         if let Err(e) = self.cache.save_envelopes(&folder.path) {
             tracing::warn!("{}: saving envelopes: {e}", folder.path.display());
         }
-        if missing {
+        if p.missing && done.is_ok() {
             // RFC 9051 7.1: some messages went away meanwhile.
-            return Err(Done::no(
+            done = Err(Done::no(
                 Some("EXPUNGEISSUED"),
                 "Some messages were expunged",
             ));
         }
-        Ok(Done::ok("FETCH completed"))
+        self.complete(&p.tag, done, p.uid);
+        Action::Continue
     }
 
     fn store(
@@ -1062,10 +1137,20 @@ impl Session {
             let current = folder.messages[i].flags.clone();
             let new = match kind {
                 StoreType::Replace => wanted.clone(),
-                StoreType::Add => MessageFlags {
-                    system: current.system.union(&wanted.system).copied().collect(),
-                    keywords: current.keywords.union(&wanted.keywords).cloned().collect(),
-                },
+                StoreType::Add => {
+                    // Keywords compare case-insensitively (RFC 9051 2.3.2):
+                    // an existing spelling is kept.
+                    let mut keywords = current.keywords.clone();
+                    for k in &wanted.keywords {
+                        if !keywords.iter().any(|c| c.eq_ignore_ascii_case(k)) {
+                            keywords.insert(k.clone());
+                        }
+                    }
+                    MessageFlags {
+                        system: current.system.union(&wanted.system).copied().collect(),
+                        keywords,
+                    }
+                }
                 StoreType::Remove => MessageFlags {
                     system: current.system.difference(&wanted.system).copied().collect(),
                     keywords: current
@@ -1317,6 +1402,33 @@ fn status_line(
     b
 }
 
+/// Longest LIST reference plus pattern, in bytes.
+const MAX_PATTERN: usize = 1024;
+
+/// A pattern with each run of wildcards made one: `*` if the run has one,
+/// else `%` (the same matches, without the matcher's cost growing with
+/// the run).
+fn collapse_wildcards(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len());
+    let mut run: Option<char> = None;
+    for c in pattern.chars() {
+        if c == '*' || c == '%' {
+            run = Some(if run == Some('*') || c == '*' {
+                '*'
+            } else {
+                '%'
+            });
+            continue;
+        }
+        if let Some(w) = run.take() {
+            out.push(w);
+        }
+        out.push(c);
+    }
+    out.extend(run);
+    out
+}
+
 /// LIST pattern match (RFC 9051 6.3.9): `*` matches anything, `%`
 /// anything but the hierarchy delimiter. INBOX matches case-insensitively.
 pub fn wildcard_match(pattern: &str, name: &str) -> bool {
@@ -1377,5 +1489,6 @@ mod tests {
         assert!(wildcard_match("Entw*", "Entwürfe"));
         assert!(wildcard_match("inbox.%", "INBOX.x"));
         assert!(!wildcard_match("inboxes", "INBOXES"));
+        assert_eq!(collapse_wildcards("a**%b%%c*"), "a*b%c*");
     }
 }

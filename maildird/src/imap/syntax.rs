@@ -61,7 +61,11 @@ impl<'a> Tokens<'a> {
                 Ok(Some(Token::Close))
             }
             b'"' => self.quoted().map(Some),
-            b'{' | b'~' => self.literal().map(Some),
+            b'{' => self.literal().map(Some),
+            b'~' if self.bytes.get(self.pos + 1) == Some(&b'{') => {
+                self.pos += 1;
+                self.literal().map(Some)
+            }
             _ => {
                 let start = self.pos;
                 while let Some(c) = self.peek_byte() {
@@ -101,17 +105,17 @@ impl<'a> Tokens<'a> {
         }
     }
 
+    /// A literal; the input is at its `{`.
     fn literal(&mut self) -> Result<Token<'a>, SyntaxError> {
-        if self.peek_byte() == Some(b'~') {
-            self.pos += 1;
-        }
         let rest = &self.bytes[self.pos..];
         let close = rest
             .iter()
             .position(|&c| c == b'}')
             .ok_or(SyntaxError("bad literal"))?;
-        let (length, _) =
-            parse_announcement(&rest[1..close]).ok_or(SyntaxError("bad literal length"))?;
+        let (length, _) = rest
+            .get(1..close)
+            .and_then(parse_announcement)
+            .ok_or(SyntaxError("bad literal length"))?;
         let mut at = self.pos + close + 1;
         if self.bytes.get(at) == Some(&b'\r') {
             at += 1;
@@ -467,5 +471,14 @@ mod tests {
         assert_eq!(t.string_arg().unwrap().as_ref(), b"xy");
         assert_eq!(t.next_token().unwrap(), Some(Token::Open));
         assert!(Tokens::new(b"{9}\r\nab").next_token().is_err());
+        assert_eq!(
+            Tokens::new(b"~}").next_token().unwrap(),
+            Some(Token::Atom(b"~}"))
+        );
+        assert_eq!(
+            Tokens::new(b"~/Mail/%").next_token().unwrap(),
+            Some(Token::Atom(b"~/Mail/%"))
+        );
+        assert!(command_name(b"~} NOOP\r\n").is_some());
     }
 }

@@ -31,10 +31,12 @@ pub fn string(out: &mut Vec<u8>, bytes: &[u8], utf8: bool) {
     }
 }
 
-/// Write `bytes` as a literal `{n}\r\n...`.
+/// Write `bytes` as a literal `{n}\r\n...`. A literal may not hold NUL
+/// (RFC 9051 4.3) and only BINARY may answer with `literal8` (RFC 3516),
+/// so NUL goes out as 0x80, as Dovecot sends it.
 pub fn literal(out: &mut Vec<u8>, bytes: &[u8]) {
-    literal_header(out, bytes.len() as u64, bytes.contains(&0));
-    out.extend_from_slice(bytes);
+    literal_header(out, bytes.len() as u64, false);
+    out.extend(bytes.iter().map(|&b| if b == 0 { 0x80 } else { b }));
 }
 
 /// Write the announcement of a literal of `len` octets; `binary` for a
@@ -110,7 +112,9 @@ mod tests {
         assert_eq!(s(|o| string(o, "é".as_bytes(), false)), "{2}\r\né");
         assert_eq!(s(|o| string(o, "é".as_bytes(), true)), "\"é\"");
         assert_eq!(s(|o| nstring(o, None, false)), "NIL");
-        assert_eq!(s(|o| literal(o, b"a\0b")), "~{3}\r\na\0b");
+        let mut o = Vec::new();
+        literal(&mut o, b"a\0b");
+        assert_eq!(o, b"{3}\r\na\x80b");
     }
 
     #[test]
