@@ -4,13 +4,12 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::config::Config;
-use common::net::{accept_loop, read_line, ConnectionLimiter, Line};
+use common::net::{read_line, Line};
 use common::recipients::DirectoryCache;
-use common::throttle::AuthThrottle;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -22,6 +21,7 @@ use super::output::{Chunk, CrlfEncoder, Output};
 use super::session::{Action, ImapPolicy, Session};
 use super::syntax;
 use super::watch::FolderWatcher;
+use crate::access::{handshake, Access, Settings};
 use crate::login::{login, LoginError};
 
 /// Longest command line (RFC 7162 3.2.1 recommends at least 8192).
@@ -32,8 +32,6 @@ const MAX_LITERAL: u64 = 64 * 1024;
 const MAX_LITERAL_UNAUTHENTICATED: u64 = 8 * 1024;
 /// Largest command in memory, lines and small literals together.
 const MAX_COMMAND: usize = 256 * 1024;
-/// Longest a TLS handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// RFC 9051 5.4: an inactivity autologout timer of at least 30 minutes.
 const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// How long a client that has not logged in may stay silent (RFC 9051 5.4
@@ -43,19 +41,9 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Flush responses once this much is waiting (a big FETCH).
 const FLUSH_AT: u64 = 256 * 1024;
 
-/// Settings that a reload replaces.
-struct Settings {
-    config: Config,
-    tls: Option<TlsAcceptor>,
-}
-
 /// What every IMAP session shares.
 pub struct ImapServer {
-    settings: RwLock<Arc<Settings>>,
-    directory: Arc<DirectoryCache>,
-    throttle: AuthThrottle,
-    connections: ConnectionLimiter,
-    shutdown: watch::Receiver<bool>,
+    access: Access,
     watcher: FolderWatcher,
     cache: Arc<FolderCache>,
 }
@@ -98,17 +86,8 @@ impl ImapServer {
         shutdown: watch::Receiver<bool>,
         watcher: FolderWatcher,
     ) -> Arc<ImapServer> {
-        let limits = &config.maildird.limits;
-        let throttle = AuthThrottle::new(
-            limits.max_auth_failures,
-            Duration::from_secs(limits.auth_failure_window),
-        );
         Arc::new(ImapServer {
-            settings: RwLock::new(Arc::new(Settings { config, tls })),
-            directory,
-            throttle,
-            connections: ConnectionLimiter::default(),
-            shutdown,
+            access: Access::new(config, tls, directory, shutdown),
             watcher,
             cache: Arc::default(),
         })
@@ -117,30 +96,22 @@ impl ImapServer {
     /// Replace the settings and certificate (SIGHUP); open sessions keep
     /// theirs.
     pub fn reload(&self, config: Config, tls: Option<TlsAcceptor>) {
-        let mut s = self.settings.write().unwrap_or_else(|p| p.into_inner());
-        *s = Arc::new(Settings { config, tls });
-    }
-
-    fn settings(&self) -> Arc<Settings> {
-        self.settings
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.access.reload(config, tls);
     }
 
     /// Sessions now open.
     pub fn active_sessions(&self) -> usize {
-        self.connections.active()
+        self.access.active_sessions()
     }
 
     /// Accept connections until shutdown; `implicit_tls` for imaps.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, implicit_tls: bool) {
-        let shutdown = self.shutdown.clone();
-        accept_loop(listener, shutdown, |stream, peer| {
-            let server = self.clone();
-            tokio::spawn(async move { server.connection(stream, peer, implicit_tls).await });
-        })
-        .await;
+        self.access
+            .serve(listener, |stream, peer| {
+                let server = self.clone();
+                tokio::spawn(async move { server.connection(stream, peer, implicit_tls).await });
+            })
+            .await;
     }
 
     async fn connection(
@@ -149,14 +120,9 @@ impl ImapServer {
         peer: SocketAddr,
         implicit_tls: bool,
     ) {
-        let settings = self.settings();
+        let settings = self.access.settings();
         let ip = peer.ip();
-        let limits = &settings.config.maildird.limits;
-        let admitted = self.connections.admit(
-            ip,
-            limits.max_connections,
-            limits.max_connections_per_client,
-        );
+        let admitted = self.access.admit(ip, &settings);
         let Ok(_slot) = admitted else {
             if !implicit_tls {
                 let _ = stream
@@ -172,7 +138,7 @@ impl ImapServer {
             tls_available: settings.tls.is_some(),
         };
         let result = if implicit_tls {
-            match handshake(stream, &settings).await {
+            match handshake(stream, &settings, "imap").await {
                 Some(tls) => self
                     .session(
                         tls,
@@ -197,7 +163,7 @@ impl ImapServer {
                 .await
             {
                 Ok(Ended::StartTls(stream, mut session)) => {
-                    match handshake(stream, &settings).await {
+                    match handshake(stream, &settings, "imap").await {
                         Some(tls) => {
                             session.tls_started();
                             self.session(tls, ip, &settings, *session, false)
@@ -228,7 +194,7 @@ impl ImapServer {
         let idle =
             Duration::from_secs(settings.config.maildird.limits.idle_timeout).max(MIN_IDLE_TIMEOUT);
         let max_append = u64::from(settings.config.maildird.max_append_size);
-        let mut shutdown = self.shutdown.clone();
+        let mut shutdown = self.access.shutdown.clone();
         if greet {
             session.greet();
         }
@@ -354,8 +320,8 @@ impl ImapServer {
         session: &mut Session,
     ) {
         let result = login(
-            &self.directory,
-            &self.throttle,
+            &self.access.directory,
+            &self.access.throttle,
             &settings.config.paths.mail_root,
             "imap",
             ip,
@@ -417,7 +383,7 @@ impl ImapServer {
         tokio::task::block_in_place(|| session.updates(true));
         session.out.line("+ idling");
         flush(io, &mut session.out).await?;
-        let mut shutdown = self.shutdown.clone();
+        let mut shutdown = self.access.shutdown.clone();
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
         loop {
@@ -462,21 +428,6 @@ impl ImapServer {
         };
         tokio::task::block_in_place(|| session.idle_done(tag, done));
         Ok(true)
-    }
-}
-
-async fn handshake(
-    stream: TcpStream,
-    settings: &Settings,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-    let acceptor = settings.tls.clone()?;
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => Some(tls),
-        Ok(Err(e)) => {
-            tracing::debug!("imap TLS handshake failed: {e}");
-            None
-        }
-        Err(_) => None,
     }
 }
 

@@ -2,13 +2,12 @@
 //! logins, and streaming messages out of the Maildir.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::config::Config;
-use common::net::{accept_loop, read_line, ConnectionLimiter, Line};
+use common::net::{read_line, Line};
 use common::recipients::DirectoryCache;
-use common::throttle::AuthThrottle;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -17,28 +16,16 @@ use tokio_rustls::TlsAcceptor;
 use super::command::{self, MAX_COMMAND_LINE};
 use super::output::MessageEncoder;
 use super::session::{Action, Pop3Policy, Session};
+use crate::access::{handshake, Access, Settings};
 use crate::login::{login, LoginError};
 use crate::maildrop::{Maildrop, MaildropError};
 
 /// A SASL response line may be longer than a command (RFC 5034 4).
 const MAX_SASL_LINE: usize = 8192;
 
-/// Longest a TLS handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Settings that a reload replaces.
-pub struct Settings {
-    pub config: Config,
-    pub tls: Option<TlsAcceptor>,
-}
-
 /// What every POP3 session shares.
 pub struct Pop3Server {
-    settings: RwLock<Arc<Settings>>,
-    directory: Arc<DirectoryCache>,
-    throttle: AuthThrottle,
-    connections: ConnectionLimiter,
-    shutdown: watch::Receiver<bool>,
+    access: Access,
 }
 
 /// How a session on a plain connection ended.
@@ -56,47 +43,30 @@ impl Pop3Server {
         directory: Arc<DirectoryCache>,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Pop3Server> {
-        let limits = &config.maildird.limits;
-        let throttle = AuthThrottle::new(
-            limits.max_auth_failures,
-            Duration::from_secs(limits.auth_failure_window),
-        );
         Arc::new(Pop3Server {
-            settings: RwLock::new(Arc::new(Settings { config, tls })),
-            directory,
-            throttle,
-            connections: ConnectionLimiter::default(),
-            shutdown,
+            access: Access::new(config, tls, directory, shutdown),
         })
     }
 
     /// Replace the settings and certificate (SIGHUP); open sessions keep
     /// theirs.
     pub fn reload(&self, config: Config, tls: Option<TlsAcceptor>) {
-        let mut s = self.settings.write().unwrap_or_else(|p| p.into_inner());
-        *s = Arc::new(Settings { config, tls });
-    }
-
-    fn settings(&self) -> Arc<Settings> {
-        self.settings
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.access.reload(config, tls);
     }
 
     /// Sessions now open.
     pub fn active_sessions(&self) -> usize {
-        self.connections.active()
+        self.access.active_sessions()
     }
 
     /// Accept connections until shutdown; `implicit_tls` for pop3s.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, implicit_tls: bool) {
-        let shutdown = self.shutdown.clone();
-        accept_loop(listener, shutdown, |stream, peer| {
-            let server = self.clone();
-            tokio::spawn(async move { server.connection(stream, peer, implicit_tls).await });
-        })
-        .await;
+        self.access
+            .serve(listener, |stream, peer| {
+                let server = self.clone();
+                tokio::spawn(async move { server.connection(stream, peer, implicit_tls).await });
+            })
+            .await;
     }
 
     async fn connection(
@@ -105,14 +75,9 @@ impl Pop3Server {
         peer: SocketAddr,
         implicit_tls: bool,
     ) {
-        let settings = self.settings();
+        let settings = self.access.settings();
         let ip = peer.ip();
-        let limits = &settings.config.maildird.limits;
-        let admitted = self.connections.admit(
-            ip,
-            limits.max_connections,
-            limits.max_connections_per_client,
-        );
+        let admitted = self.access.admit(ip, &settings);
         let Ok(_slot) = admitted else {
             // On the implicit-TLS port nothing may go out in clear: just close.
             if !implicit_tls {
@@ -129,7 +94,7 @@ impl Pop3Server {
             tls_available: settings.tls.is_some(),
         };
         let result = if implicit_tls {
-            match self.handshake(stream, &settings).await {
+            match handshake(stream, &settings, "pop3").await {
                 Some(tls) => {
                     let session = Session::new(policy, true);
                     self.session(tls, ip, &settings, session, true)
@@ -142,7 +107,7 @@ impl Pop3Server {
             let session = Session::new(policy, false);
             match self.session(stream, ip, &settings, session, true).await {
                 Ok(Ended::StartTls(stream, mut session)) => {
-                    match self.handshake(stream, &settings).await {
+                    match handshake(stream, &settings, "pop3").await {
                         Some(tls) => {
                             session.tls_started();
                             self.session(tls, ip, &settings, session, false)
@@ -161,22 +126,6 @@ impl Pop3Server {
         }
     }
 
-    async fn handshake(
-        &self,
-        stream: TcpStream,
-        settings: &Settings,
-    ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-        let acceptor = settings.tls.clone()?;
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => Some(tls),
-            Ok(Err(e)) => {
-                tracing::debug!("pop3 TLS handshake failed: {e}");
-                None
-            }
-            Err(_) => None,
-        }
-    }
-
     /// Run a session on `stream` until it ends or asks for TLS.
     async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
@@ -188,7 +137,7 @@ impl Pop3Server {
     ) -> std::io::Result<Ended<S>> {
         let mut io = BufReader::with_capacity(16 * 1024, stream);
         let idle = Duration::from_secs(settings.config.maildird.limits.idle_timeout);
-        let mut shutdown = self.shutdown.clone();
+        let mut shutdown = self.access.shutdown.clone();
         let mut maildrop: Option<Maildrop> = None;
         let mut retrieved: Vec<usize> = Vec::new();
         let mut out = Vec::with_capacity(4096);
@@ -338,8 +287,8 @@ impl Pop3Server {
         settings: &Settings,
     ) -> Result<Maildrop, String> {
         let root = login(
-            &self.directory,
-            &self.throttle,
+            &self.access.directory,
+            &self.access.throttle,
             &settings.config.paths.mail_root,
             "pop3",
             ip,

@@ -1,0 +1,115 @@
+//! What the IMAP and POP3 servers share: settings a reload replaces, the
+//! user directory, the login throttle, connection limits, the shutdown
+//! signal, and the TLS handshake.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use common::config::Config;
+use common::net::{accept_loop, ConnectionLimiter, ConnectionSlot, Refusal};
+use common::recipients::DirectoryCache;
+use common::throttle::AuthThrottle;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+/// Longest a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Settings that a reload replaces.
+pub struct Settings {
+    pub config: Config,
+    pub tls: Option<TlsAcceptor>,
+}
+
+/// The state one protocol's sessions share.
+pub struct Access {
+    settings: RwLock<Arc<Settings>>,
+    pub directory: Arc<DirectoryCache>,
+    pub throttle: AuthThrottle,
+    connections: ConnectionLimiter,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Access {
+    /// Shared state for `config`; `tls` is the acceptor for STARTTLS/STLS
+    /// and the implicit-TLS ports.
+    pub fn new(
+        config: Config,
+        tls: Option<TlsAcceptor>,
+        directory: Arc<DirectoryCache>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Access {
+        let limits = &config.maildird.limits;
+        let throttle = AuthThrottle::new(
+            limits.max_auth_failures,
+            Duration::from_secs(limits.auth_failure_window),
+        );
+        Access {
+            settings: RwLock::new(Arc::new(Settings { config, tls })),
+            directory,
+            throttle,
+            connections: ConnectionLimiter::default(),
+            shutdown,
+        }
+    }
+
+    /// Replace the settings and certificate (SIGHUP); open sessions keep
+    /// theirs.
+    pub fn reload(&self, config: Config, tls: Option<TlsAcceptor>) {
+        let mut s = self.settings.write().unwrap_or_else(|p| p.into_inner());
+        *s = Arc::new(Settings { config, tls });
+    }
+
+    /// The settings now.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sessions now open.
+    pub fn active_sessions(&self) -> usize {
+        self.connections.active()
+    }
+
+    /// Count a new connection from `ip` against the configured limits;
+    /// the slot is given back when the guard is dropped.
+    pub fn admit(&self, ip: IpAddr, settings: &Settings) -> Result<ConnectionSlot<'_>, Refusal> {
+        let limits = &settings.config.maildird.limits;
+        self.connections.admit(
+            ip,
+            limits.max_connections,
+            limits.max_connections_per_client,
+        )
+    }
+
+    /// Accept connections until shutdown, handing each to `connection`.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        connection: impl FnMut(TcpStream, SocketAddr),
+    ) {
+        accept_loop(listener, self.shutdown.clone(), connection).await;
+    }
+}
+
+/// The TLS handshake, bounded in time; None (logged) when it fails.
+pub async fn handshake(
+    stream: TcpStream,
+    settings: &Settings,
+    protocol: &str,
+) -> Option<TlsStream<TcpStream>> {
+    let acceptor = settings.tls.clone()?;
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            tracing::debug!("{protocol} TLS handshake failed: {e}");
+            None
+        }
+        Err(_) => None,
+    }
+}
