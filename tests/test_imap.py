@@ -1250,3 +1250,29 @@ def test_nul_in_a_message_never_goes_out_as_literal8_but_in_binary(srv):
         assert b"~{" not in fetch.split(b"BINARY[]")[0], fetch
         assert b"a\x80b" in fetch, fetch
         assert b"BINARY[] ~{" in fetch, fetch
+
+
+def test_searchres_saves_a_result_for_dollar(srv):
+    """RFC 5182, part of IMAP4rev2: SEARCH RETURN (SAVE) and `$`."""
+    with srv.raw_imap(user=ALICE) as conn:
+        for subject in ("one", "two", "three", "four"):
+            conn.append("INBOX", make_message(subject))
+        conn.select("INBOX")
+        conn.expect("STORE 2,4 +FLAGS.SILENT (\\Flagged)")
+        # SAVE alone answers no ESEARCH.
+        assert conn.expect("SEARCH RETURN (SAVE) FLAGGED")[:-1] == []
+        fetched = conn.expect("FETCH $ (UID)")[:-1]
+        assert [fetch_items(r)[0] for r in fetched] == [2, 4], fetched
+        # In a UID command `$` names the same messages by UID.
+        conn.expect("UID STORE $ +FLAGS.SILENT (\\Seen)")
+        seen = conn.expect("SEARCH SEEN")[0]
+        assert seen.split()[2:] == [b"2", b"4"], seen
+        # `$` inside SEARCH, combined with other keys.
+        assert conn.expect("SEARCH $ SUBJECT four")[0].split()[2:] == [b"4"]
+        # An empty saved result: `$` names no message, and that is no error.
+        assert conn.expect("SEARCH RETURN (SAVE) SUBJECT nothing-like-this")[:-1] == []
+        assert conn.expect("FETCH $ (UID)")[:-1] == []
+        # Selecting again forgets the result.
+        conn.expect("SEARCH RETURN (SAVE) ALL")
+        conn.select("INBOX")
+        assert conn.expect("UID FETCH $ (UID)")[:-1] == []

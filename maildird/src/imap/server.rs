@@ -251,6 +251,7 @@ impl ImapServer {
                 }
                 Ok(Ok(Incoming::Command { message, appended })) => (message, appended),
             };
+            let message = session.expand_saved(&message).unwrap_or(message);
             let request = command::decode(&message);
             drop(message);
             let spooled = appended.as_ref().map(|a| a.0.clone());

@@ -24,13 +24,14 @@ use super::mailboxes::{self, MailboxError, Mailboxes, StatusInfo};
 use super::output::Output;
 use super::search::{self, Candidate};
 use super::sequence::{compact, NumberSet};
-use super::syntax::{ListCommand, SearchReturn};
+use super::syntax::{self, ListCommand, SearchReturn};
 use super::wire;
 use crate::mailbox_name::{decode_mutf7, MailboxName, DELIMITER};
 
 /// Capabilities once logged in (RFC 9051 7.2.2).
 const CAPABILITIES: &str = "IMAP4rev1 IMAP4rev2 IDLE UIDPLUS MOVE SPECIAL-USE NAMESPACE \
-LITERAL+ ENABLE ID UNSELECT CHILDREN SASL-IR LIST-EXTENDED LIST-STATUS ESEARCH BINARY UTF8=ACCEPT";
+LITERAL+ ENABLE ID UNSELECT CHILDREN SASL-IR LIST-EXTENDED LIST-STATUS ESEARCH SEARCHRES BINARY \
+UTF8=ACCEPT";
 
 /// What the session is allowed to do, from the configuration.
 #[derive(Debug, Clone)]
@@ -80,9 +81,16 @@ struct PendingFetch {
 /// Output held in memory before a FETCH stops to let it be sent.
 const FETCH_CHUNK: usize = 256 * 1024;
 
+/// A UID and sequence number no message has (RFC 9051: at most 2^32-1).
+const NO_MESSAGE: u32 = u32::MAX;
+
 pub struct Session {
     policy: ImapPolicy,
     pending_fetch: Option<PendingFetch>,
+    /// The saved SEARCH result (RFC 5182), as UIDs, ascending.
+    saved: Vec<u32>,
+    /// `$` in this command stood for no message.
+    saved_empty: bool,
     cache: std::sync::Arc<FolderCache>,
     tls: bool,
     user: Option<String>,
@@ -163,6 +171,8 @@ impl Session {
         Session {
             policy,
             pending_fetch: None,
+            saved: Vec::new(),
+            saved_empty: false,
             cache,
             tls,
             user: None,
@@ -268,9 +278,14 @@ impl Session {
                 criteria,
             } => {
                 self.updates(false);
+                let saving = ret.as_ref().is_some_and(|r| r.save);
                 let done = self
                     .in_selected()
                     .and_then(|()| self.search(&tag, uid, ret, charset, &criteria));
+                if saving && done.is_err() {
+                    // RFC 5182 2.1: a failed SEARCH ... SAVE saves nothing.
+                    self.saved.clear();
+                }
                 self.complete(&tag, done, uid);
                 return Action::Continue;
             }
@@ -380,6 +395,7 @@ impl Session {
             },
             CommandBody::Check => self.in_selected().map(|()| Done::ok("CHECK completed")),
             CommandBody::Close => self.in_selected().map(|()| {
+                self.saved.clear();
                 if let Some(mut f) = self.selected.take() {
                     if !f.read_only {
                         if let Err(e) = f.expunge(None) {
@@ -390,6 +406,7 @@ impl Session {
                 Done::ok("CLOSE completed")
             }),
             CommandBody::Unselect => self.in_selected().map(|()| {
+                self.saved.clear();
                 self.selected = None;
                 Done::ok("UNSELECT completed")
             }),
@@ -634,6 +651,8 @@ impl Session {
 
     fn select(&mut self, mailbox: &Mailbox, read_only: bool) -> Result<Done, Done> {
         self.authenticated()?;
+        // RFC 5182 2.1: a new mailbox starts with no saved result.
+        self.saved.clear();
         if self.selected.take().is_some() {
             // RFC 9051 7.1: the old mailbox is closed before the new opens.
             self.out.line("* OK [CLOSED] Previous mailbox closed");
@@ -937,7 +956,7 @@ impl Session {
         } else {
             let count = folder.exists();
             let numbers = NumberSet::resolve(set, count);
-            if numbers.exceeds(count) {
+            if numbers.exceeds(count) && !self.saved_empty {
                 return Err(Done::bad("Invalid message sequence number"));
             }
             Ok((0..count as usize)
@@ -1240,6 +1259,68 @@ impl Session {
         Ok(Done::ok("MOVE completed"))
     }
 
+    /// Keep a SEARCH result for `$` (RFC 5182 2.1): all of it, or only
+    /// MIN and/or MAX when those were asked without ALL or COUNT.
+    fn save_result(&mut self, uid: bool, found: &[u32], ret: &SearchReturn) {
+        let Some(folder) = self.selected.as_ref() else {
+            return;
+        };
+        let mut chosen: Vec<u32> = found.to_vec();
+        if (ret.min || ret.max) && !ret.all && !ret.count {
+            chosen = [
+                ret.min.then(|| found.iter().min()),
+                ret.max.then(|| found.iter().max()),
+            ]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .copied()
+            .collect();
+        }
+        let uids = chosen
+            .into_iter()
+            .filter_map(|n| {
+                if uid {
+                    Some(n)
+                } else {
+                    folder.messages.get(n as usize - 1).map(|m| m.uid)
+                }
+            })
+            .collect::<BTreeSet<u32>>();
+        self.saved = uids.into_iter().collect();
+    }
+
+    /// Put the saved SEARCH result where a command says `$` (RFC 5182 2.2),
+    /// as UIDs or as the sequence numbers those messages have now.
+    pub fn expand_saved(&mut self, message: &[u8]) -> Option<Vec<u8>> {
+        self.saved_empty = false;
+        if !message.contains(&b'$') {
+            return None;
+        }
+        let folder = self.selected.as_ref()?;
+        let seqs: Vec<u32> = self
+            .saved
+            .iter()
+            .filter_map(|uid| folder.messages.binary_search_by_key(uid, |m| m.uid).ok())
+            .map(|i| i as u32 + 1)
+            .collect();
+        // An empty result names no message; a number no message has stands
+        // for it, and `resolve` lets it pass (RFC 5182 2.2: not an error).
+        let uids = if self.saved.is_empty() {
+            NO_MESSAGE.to_string()
+        } else {
+            compact(&self.saved)
+        };
+        let sequence = if seqs.is_empty() {
+            NO_MESSAGE.to_string()
+        } else {
+            compact(&seqs)
+        };
+        let replaced = syntax::replace_saved_marker(message, &uids, &sequence)?;
+        self.saved_empty = seqs.is_empty();
+        Some(replaced)
+    }
+
     fn search(
         &mut self,
         tag: &str,
@@ -1274,6 +1355,13 @@ impl Session {
                 Ok(false) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(server_error(e)),
+            }
+        }
+        if let Some(r) = ret.as_ref().filter(|r| r.save) {
+            self.save_result(uid, &found, r);
+            // RFC 5182 2.1: SAVE alone gets no ESEARCH.
+            if !(r.min || r.max || r.all || r.count) {
+                return Ok(Done::ok("SEARCH completed"));
             }
         }
         let ret = match (ret, self.rev2) {

@@ -245,6 +245,8 @@ pub struct SearchReturn {
     pub max: bool,
     pub all: bool,
     pub count: bool,
+    /// RFC 5182 SAVE: keep the result for `$`.
+    pub save: bool,
 }
 
 impl SearchReturn {
@@ -257,7 +259,7 @@ impl SearchReturn {
                 "MAX" => r.max = true,
                 "ALL" => r.all = true,
                 "COUNT" => r.count = true,
-                // RFC 5182 SAVE is not advertised.
+                "SAVE" => r.save = true,
                 _ => return Err(SyntaxError("unknown SEARCH RETURN option")),
             }
         }
@@ -291,6 +293,40 @@ pub fn split_search_return(message: &[u8]) -> Result<Option<(SearchReturn, Vec<u
     let mut rest = message[..start].to_vec();
     rest.extend_from_slice(&message[t.position()..]);
     Ok(Some((ret, rest)))
+}
+
+/// Replace each `$` (RFC 5182 2: the saved search result, RFC 9051
+/// `seq-last-command`) in a command with a sequence set: `uids` where it
+/// names UIDs (a UID command, or after the search key UID), `sequence`
+/// elsewhere. None when the command has no `$`.
+pub fn replace_saved_marker(message: &[u8], uids: &str, sequence: &str) -> Option<Vec<u8>> {
+    let (_, name) = command_name(message)?;
+    let uid_command = name.starts_with("UID ");
+    let mut t = Tokens::new(message);
+    let mut out = Vec::new();
+    let mut copied = 0;
+    let mut previous_was_uid = false;
+    while let Ok(Some(token)) = t.next_token() {
+        let end = t.position();
+        if let Token::Atom(a) = &token {
+            if *a == b"$" {
+                out.extend_from_slice(&message[copied..end - 1]);
+                let set = if uid_command || previous_was_uid {
+                    uids
+                } else {
+                    sequence
+                };
+                out.extend_from_slice(set.as_bytes());
+                copied = end;
+            }
+        }
+        previous_was_uid = matches!(token, Token::Atom(a) if a.eq_ignore_ascii_case(b"UID"));
+    }
+    if copied == 0 {
+        return None;
+    }
+    out.extend_from_slice(&message[copied..]);
+    Some(out)
 }
 
 /// A parsed LIST command (RFC 9051 6.3.9, RFC 5258 3).
@@ -461,7 +497,30 @@ mod tests {
             .unwrap();
         assert!(r.all);
         assert!(split_search_return(b"a SEARCH ALL\r\n").unwrap().is_none());
-        assert!(split_search_return(b"a SEARCH RETURN (SAVE) ALL\r\n").is_err());
+        let (r, _) = split_search_return(b"a SEARCH RETURN (SAVE) ALL\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(r.save && !r.all);
+        assert!(split_search_return(b"a SEARCH RETURN (FOO) ALL\r\n").is_err());
+    }
+
+    #[test]
+    fn saved_marker() {
+        let r =
+            |m: &[u8]| replace_saved_marker(m, "7:9", "2:3").map(|v| String::from_utf8(v).unwrap());
+        assert_eq!(
+            r(b"a FETCH $ FLAGS\r\n").as_deref(),
+            Some("a FETCH 2:3 FLAGS\r\n")
+        );
+        assert_eq!(
+            r(b"a UID COPY $ Sent\r\n").as_deref(),
+            Some("a UID COPY 7:9 Sent\r\n")
+        );
+        assert_eq!(
+            r(b"a SEARCH UID $ NOT $ (\"$\")\r\n").as_deref(),
+            Some("a SEARCH UID 7:9 NOT 2:3 (\"$\")\r\n")
+        );
+        assert_eq!(r(b"a STORE 1 +FLAGS ($Junk)\r\n"), None);
     }
 
     #[test]
