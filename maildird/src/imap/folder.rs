@@ -154,6 +154,11 @@ fn size_from_name(base: &str) -> Option<u64> {
         .and_then(|w| w.parse().ok())
 }
 
+/// The folder's UIDVALIDITY changed while it was selected.
+#[derive(Debug, thiserror::Error)]
+#[error("UIDVALIDITY changed")]
+pub struct UidValidityChanged;
+
 /// What changed on disk since the last refresh, for untagged responses.
 #[derive(Debug, Default)]
 pub struct Changes {
@@ -256,6 +261,11 @@ impl Folder {
         if state.keywords != self.keywords {
             changes.keywords_changed = true;
             self.keywords = state.keywords.clone();
+        }
+        if self.seen.is_some() && state.uid_validity != self.uid_validity {
+            // The UID list was made anew (lost or replaced): the UIDs this
+            // session handed out mean nothing now (RFC 9051 2.3.1.1).
+            return Err(io::Error::other(UidValidityChanged));
         }
         self.uid_validity = state.uid_validity;
         self.uid_next = state.uid_next;
@@ -539,6 +549,22 @@ mod tests {
         assert_eq!(c.expunged, vec![1]);
         assert_eq!(c.exists, Some(2));
         assert_eq!(c.flags_changed, vec![1]);
+    }
+
+    #[test]
+    fn a_new_uidvalidity_is_refused_mid_session() {
+        let (_d, path) = folder_with(&["cur/1.a.h:2,"]);
+        let mut f = Folder::open(&path, false, Arc::default()).unwrap();
+        let list = std::fs::read_to_string(path.join(uidlist::UIDLIST_FILE)).unwrap();
+        let renumbered = list.replacen(
+            &format!("V{}", f.uid_validity),
+            &format!("V{}", f.uid_validity + 1),
+            1,
+        );
+        std::fs::write(path.join(uidlist::UIDLIST_FILE), renumbered).unwrap();
+        std::fs::write(path.join("new/2.a.h"), b"x\n").unwrap();
+        let e = f.refresh(true).unwrap_err();
+        assert!(e.get_ref().is_some_and(|e| e.is::<UidValidityChanged>()));
     }
 
     #[test]

@@ -296,7 +296,9 @@ impl ImapServer {
                         return Ok(Ended::StartTls(io.into_inner(), Box::new(session)));
                     }
                     Action::Idle { tag } => {
-                        if !self.idle(&mut io, &mut session, &tag, idle).await? {
+                        if !self.idle(&mut io, &mut session, &tag, idle).await?
+                            || session.is_closing()
+                        {
                             return close(io, &mut session.out).await;
                         }
                         break;
@@ -403,6 +405,9 @@ impl ImapServer {
                 }
                 true = changed => {
                     tokio::task::block_in_place(|| session.updates(true));
+                    if session.is_closing() {
+                        return Ok(false);
+                    }
                     flush(io, &mut session.out).await?;
                 }
                 _ = &mut deadline => {

@@ -91,6 +91,8 @@ pub struct Session {
     saved: Vec<u32>,
     /// `$` in this command stood for no message.
     saved_empty: bool,
+    /// A BYE went out: close after this command.
+    closing: bool,
     cache: std::sync::Arc<FolderCache>,
     tls: bool,
     user: Option<String>,
@@ -173,6 +175,7 @@ impl Session {
             pending_fetch: None,
             saved: Vec::new(),
             saved_empty: false,
+            closing: false,
             cache,
             tls,
             user: None,
@@ -268,7 +271,7 @@ impl Session {
                     .authenticated()
                     .and_then(|()| self.list_or_lsub(&list, lsub));
                 self.complete(&tag, done, true);
-                return Action::Continue;
+                return self.next_action();
             }
             Request::Search {
                 tag,
@@ -287,7 +290,7 @@ impl Session {
                     self.saved.clear();
                 }
                 self.complete(&tag, done, uid);
-                return Action::Continue;
+                return self.next_action();
             }
             Request::Imap { tag, body } => (tag, body),
         };
@@ -439,7 +442,21 @@ impl Session {
             _ => Err(Done::bad("Command not supported")),
         };
         self.complete(&tag, done, uid_or_other);
-        Action::Continue
+        self.next_action()
+    }
+
+    /// Whether a BYE went out and the connection must close.
+    pub fn is_closing(&self) -> bool {
+        self.closing
+    }
+
+    /// Continue, unless a BYE went out.
+    fn next_action(&self) -> Action {
+        if self.closing {
+            Action::Close
+        } else {
+            Action::Continue
+        }
     }
 
     /// Send pending untagged updates, then the tagged result.
@@ -458,6 +475,17 @@ impl Session {
         };
         let changes = match folder.refresh(allow_expunge) {
             Ok(c) => c,
+            Err(e)
+                if e.get_ref()
+                    .is_some_and(|e| e.is::<folder::UidValidityChanged>()) =>
+            {
+                tracing::warn!("imap: {}: UIDVALIDITY changed", folder.path.display());
+                self.out.line(
+                    "* BYE [UNAVAILABLE] The mailbox's UIDs were renumbered; select it again",
+                );
+                self.closing = true;
+                return;
+            }
             Err(e) => {
                 tracing::error!("imap: refreshing {}: {e}", folder.path.display());
                 return;
@@ -1131,7 +1159,7 @@ impl Session {
             ));
         }
         self.complete(&p.tag, done, p.uid);
-        Action::Continue
+        self.next_action()
     }
 
     fn store(
