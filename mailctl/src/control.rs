@@ -18,7 +18,7 @@ use nix::unistd::Pid;
 /// The daemons whose pid files `status` reports.
 const DAEMONS: [&str; 4] = ["master", "smtpd", "qmgr", "maildird"];
 
-/// How long `start` waits for the SMTP port, and `stop` for the exit.
+/// How long `start` waits for the listening ports, and `stop` for the exit.
 const START_WAIT: Duration = Duration::from_secs(20);
 const STOP_WAIT: Duration = Duration::from_secs(60);
 
@@ -74,7 +74,10 @@ pub fn start(config_path: &Path, config: &Config, foreground: bool) -> anyhow::R
     let mut child = cmd
         .spawn()
         .with_context(|| format!("starting {}", master.display()))?;
-    let target = probe_address(config);
+    let mut waiting: Vec<SocketAddr> = listeners(config)
+        .into_iter()
+        .map(|(_, a)| connectable(a))
+        .collect();
     let deadline = Instant::now() + START_WAIT;
     loop {
         if let Some(status) = child.try_wait()? {
@@ -84,7 +87,8 @@ pub fn start(config_path: &Path, config: &Config, foreground: bool) -> anyhow::R
                 log_since(log_path, log_start)
             );
         }
-        if TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok() {
+        waiting.retain(|a| TcpStream::connect_timeout(a, Duration::from_millis(200)).is_err());
+        if waiting.is_empty() {
             println!(
                 "mailsrv started (master pid {}); log in {}",
                 child.id(),
@@ -95,7 +99,7 @@ pub fn start(config_path: &Path, config: &Config, foreground: bool) -> anyhow::R
         }
         if Instant::now() > deadline {
             bail!(
-                "mailsrv did not open {target} within {}s; see {}",
+                "mailsrv did not open {waiting:?} within {}s; see {}",
                 START_WAIT.as_secs(),
                 log_path.display()
             );
@@ -104,9 +108,24 @@ pub fn start(config_path: &Path, config: &Config, foreground: bool) -> anyhow::R
     }
 }
 
-/// The first SMTP listener, with a wildcard address made connectable.
-fn probe_address(config: &Config) -> SocketAddr {
-    let mut addr = config.smtpd.listen[0];
+/// Every listening address of the configuration, by service.
+fn listeners(config: &Config) -> Vec<(&'static str, SocketAddr)> {
+    let m = &config.maildird;
+    let services: [(&'static str, &[SocketAddr]); 5] = [
+        ("smtp", &config.smtpd.listen),
+        ("imap", &m.imap_listen),
+        ("imaps", &m.imaps_listen),
+        ("pop3", &m.pop3_listen),
+        ("pop3s", &m.pop3s_listen),
+    ];
+    services
+        .into_iter()
+        .flat_map(|(name, addrs)| addrs.iter().map(move |a| (name, *a)))
+        .collect()
+}
+
+/// `addr`, with a wildcard address replaced by loopback.
+fn connectable(mut addr: SocketAddr) -> SocketAddr {
     if addr.ip().is_unspecified() {
         addr.set_ip(if addr.is_ipv4() {
             std::net::Ipv4Addr::LOCALHOST.into()
@@ -118,8 +137,8 @@ fn probe_address(config: &Config) -> SocketAddr {
 }
 
 fn print_ports(config: &Config) {
-    for a in &config.smtpd.listen {
-        println!("  smtp      {a}");
+    for (name, a) in listeners(config) {
+        println!("  {name:<9} {a}");
     }
 }
 
