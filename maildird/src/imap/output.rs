@@ -117,13 +117,22 @@ pub struct CrlfEncoder {
 impl CrlfEncoder {
     /// Append `input` to `out` with every LF not preceded by CR made CRLF.
     pub fn encode(&mut self, input: &[u8], out: &mut Vec<u8>) {
-        for &b in input {
-            if b == b'\n' && self.last != b'\r' {
+        out.reserve(input.len() + input.len() / 16);
+        let mut rest = input;
+        while let Some(i) = memchr::memchr(b'\n', rest) {
+            let before = if i > 0 { rest[i - 1] } else { self.last };
+            out.extend_from_slice(&rest[..i]);
+            if before != b'\r' {
                 out.push(b'\r');
             }
-            out.push(b);
+            out.push(b'\n');
+            self.last = b'\n';
+            rest = &rest[i + 1..];
+        }
+        if let Some(&b) = rest.last() {
             self.last = b;
         }
+        out.extend_from_slice(rest);
     }
 }
 
@@ -138,6 +147,12 @@ mod tests {
         e.encode(b"a\nb\r", &mut out);
         e.encode(b"\nc\n", &mut out);
         assert_eq!(out, b"a\r\nb\r\nc\r\n");
+        let mut out = Vec::new();
+        let mut e = CrlfEncoder::default();
+        e.encode(b"\n\n", &mut out);
+        e.encode(b"", &mut out);
+        e.encode(b"x\r\ny", &mut out);
+        assert_eq!(out, b"\r\n\r\nx\r\ny");
     }
 
     #[test]

@@ -510,7 +510,7 @@ async fn read_command<S: AsyncRead + AsyncWrite + Unpin>(
                 APPEND_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             ));
             let guard = SpooledLiteral(path);
-            let mut file = tokio::fs::File::create(&guard.0).await?;
+            let mut file = tokio::task::block_in_place(|| std::fs::File::create(&guard.0))?;
             appended = Some(guard);
             let mut remaining = length;
             let mut buf = vec![0u8; 64 * 1024];
@@ -520,10 +520,9 @@ async fn read_command<S: AsyncRead + AsyncWrite + Unpin>(
                 if n == 0 {
                     return Ok(Incoming::Eof);
                 }
-                file.write_all(&buf[..n]).await?;
+                tokio::task::block_in_place(|| std::io::Write::write_all(&mut file, &buf[..n]))?;
                 remaining -= n as u64;
             }
-            file.flush().await?;
             // Keep an empty literal in the command for the parser.
             message.truncate(start_of_line + announcement_start(&line));
             message.extend_from_slice(b"{0}\r\n");
@@ -608,28 +607,31 @@ async fn stream_file<W: AsyncWrite + Unpin>(
     path: &std::path::Path,
     len: u64,
 ) -> std::io::Result<()> {
+    use std::io::Read;
     let mut remaining = len;
-    let opened = match tokio::fs::File::open(path).await {
-        Ok(f) => Some(f),
-        Err(_) => match renamed(path) {
-            Some(p) => tokio::fs::File::open(p).await.ok(),
-            None => None,
-        },
-    };
+    // Reads of a local file are short: done in place (tokio::fs would send
+    // each to another thread and back).
+    let opened = tokio::task::block_in_place(|| {
+        std::fs::File::open(path)
+            .ok()
+            .or_else(|| renamed(path).and_then(|p| std::fs::File::open(p).ok()))
+    });
     if let Some(mut file) = opened {
         let mut encoder = CrlfEncoder::default();
         let mut buf = vec![0u8; 64 * 1024];
         let mut converted = Vec::with_capacity(buf.len() * 2);
         while remaining > 0 {
-            let n = file.read(&mut buf).await?;
+            let n = tokio::task::block_in_place(|| file.read(&mut buf))?;
             if n == 0 {
                 break;
             }
             converted.clear();
             encoder.encode(&buf[..n], &mut converted);
             // As `wire::literal`: no NUL in a literal (RFC 9051 4.3).
-            for b in converted.iter_mut().filter(|b| **b == 0) {
-                *b = 0x80;
+            if converted.contains(&0) {
+                for b in converted.iter_mut().filter(|b| **b == 0) {
+                    *b = 0x80;
+                }
             }
             let take = converted.len().min(remaining as usize);
             w.write_all(&converted[..take]).await?;
