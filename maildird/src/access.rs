@@ -7,13 +7,16 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use common::config::Config;
-use common::net::{accept_loop, ConnectionLimiter, ConnectionSlot, Refusal};
+use common::net::{accept_loop, ConnectionLimiter, ConnectionSlot};
 use common::recipients::DirectoryCache;
 use common::throttle::AuthThrottle;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
+
+use crate::login::LoginPolicy;
 
 /// Longest a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -22,6 +25,17 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Settings {
     pub config: Config,
     pub tls: Option<TlsAcceptor>,
+}
+
+impl Settings {
+    /// What a new session may do.
+    pub fn login_policy(&self) -> LoginPolicy {
+        LoginPolicy {
+            hostname: self.config.hostname.clone(),
+            allow_plaintext_auth: self.config.maildird.allow_plaintext_auth,
+            tls_available: self.tls.is_some(),
+        }
+    }
 }
 
 /// The state one protocol's sessions share.
@@ -76,15 +90,35 @@ impl Access {
         self.connections.active()
     }
 
-    /// Count a new connection from `ip` against the configured limits;
-    /// the slot is given back when the guard is dropped.
-    pub fn admit(&self, ip: IpAddr, settings: &Settings) -> Result<ConnectionSlot<'_>, Refusal> {
+    /// Count a new connection against the configured limits (the slot is
+    /// given back when dropped), or refuse it: with `refusal` on a plain
+    /// port, in silence on an implicit-TLS one (nothing goes out in clear).
+    pub async fn admit(
+        &self,
+        stream: &mut TcpStream,
+        ip: IpAddr,
+        settings: &Settings,
+        implicit_tls: bool,
+        refusal: &[u8],
+    ) -> Option<ConnectionSlot<'_>> {
         let limits = &settings.config.maildird.limits;
-        self.connections.admit(
+        let admitted = self.connections.admit(
             ip,
             limits.max_connections,
             limits.max_connections_per_client,
-        )
+        );
+        match admitted {
+            Ok(slot) => {
+                let _ = stream.set_nodelay(true);
+                Some(slot)
+            }
+            Err(_) => {
+                if !implicit_tls {
+                    let _ = stream.write_all(refusal).await;
+                }
+                None
+            }
+        }
     }
 
     /// Accept connections until shutdown, handing each to `connection`.

@@ -9,6 +9,16 @@ use common::recipients::DirectoryCache;
 use common::throttle::AuthThrottle;
 use common::userdb::maildir_path;
 
+/// When and where a session may take a password, from the configuration.
+#[derive(Debug, Clone)]
+pub struct LoginPolicy {
+    pub hostname: String,
+    /// Whether passwords may be sent before TLS.
+    pub allow_plaintext_auth: bool,
+    /// Whether STARTTLS/STLS can be offered (a certificate is loaded).
+    pub tls_available: bool,
+}
+
 /// Why a login failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoginError {

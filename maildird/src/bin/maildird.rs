@@ -79,8 +79,10 @@ async fn run() -> anyhow::Result<()> {
             .and_then(|c| tls_acceptor(&c).map(|t| (c, t)));
         match reloaded {
             Ok((config, tls)) => {
-                imap_server.reload(config.clone(), Some(tls.clone()));
-                server.reload(config, Some(tls));
+                imap_server
+                    .access()
+                    .reload(config.clone(), Some(tls.clone()));
+                server.access().reload(config, Some(tls));
                 tracing::info!("configuration and certificate reloaded");
             }
             Err(e) => tracing::error!("reload failed, keeping the old configuration: {e:#}"),
@@ -89,7 +91,7 @@ async fn run() -> anyhow::Result<()> {
     tracing::info!("stopping");
     let _ = stop_tx.send(true);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while server.active_sessions() + imap_server.active_sessions() > 0
+    while server.access().active_sessions() + imap_server.access().active_sessions() > 0
         && tokio::time::Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(50)).await;

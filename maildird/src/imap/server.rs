@@ -18,7 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use super::cache::FolderCache;
 use super::command;
 use super::output::{Chunk, CrlfEncoder, Output};
-use super::session::{Action, ImapPolicy, Session};
+use super::session::{Action, Session};
 use super::syntax;
 use super::watch::FolderWatcher;
 use crate::access::{handshake, Access, Settings};
@@ -93,15 +93,9 @@ impl ImapServer {
         })
     }
 
-    /// Replace the settings and certificate (SIGHUP); open sessions keep
-    /// theirs.
-    pub fn reload(&self, config: Config, tls: Option<TlsAcceptor>) {
-        self.access.reload(config, tls);
-    }
-
-    /// Sessions now open.
-    pub fn active_sessions(&self) -> usize {
-        self.access.active_sessions()
+    /// The shared state: reload and session count.
+    pub fn access(&self) -> &Access {
+        &self.access
     }
 
     /// Accept connections until shutdown; `implicit_tls` for imaps.
@@ -122,21 +116,15 @@ impl ImapServer {
     ) {
         let settings = self.access.settings();
         let ip = peer.ip();
-        let admitted = self.access.admit(ip, &settings);
-        let Ok(_slot) = admitted else {
-            if !implicit_tls {
-                let _ = stream
-                    .write_all(b"* BYE [UNAVAILABLE] Too many connections\r\n")
-                    .await;
-            }
+        let refusal = b"* BYE [UNAVAILABLE] Too many connections\r\n";
+        let Some(_slot) = self
+            .access
+            .admit(&mut stream, ip, &settings, implicit_tls, refusal)
+            .await
+        else {
             return;
         };
-        let _ = stream.set_nodelay(true);
-        let policy = ImapPolicy {
-            hostname: settings.config.hostname.clone(),
-            allow_plaintext_auth: settings.config.maildird.allow_plaintext_auth,
-            tls_available: settings.tls.is_some(),
-        };
+        let policy = settings.login_policy();
         let result = if implicit_tls {
             match handshake(stream, &settings, "imap").await {
                 Some(tls) => self

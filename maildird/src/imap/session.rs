@@ -26,20 +26,13 @@ use super::search::{self, Candidate};
 use super::sequence::{compact, NumberSet};
 use super::syntax::{self, ListCommand, SearchReturn};
 use super::wire;
+use crate::login::LoginPolicy;
 use crate::mailbox_name::{decode_mutf7, MailboxName, DELIMITER};
 
 /// Capabilities once logged in (RFC 9051 7.2.2).
 const CAPABILITIES: &str = "IMAP4rev1 IMAP4rev2 IDLE UIDPLUS MOVE SPECIAL-USE NAMESPACE \
 LITERAL+ ENABLE ID UNSELECT CHILDREN SASL-IR LIST-EXTENDED LIST-STATUS ESEARCH SEARCHRES BINARY \
 UTF8=ACCEPT";
-
-/// What the session is allowed to do, from the configuration.
-#[derive(Debug, Clone)]
-pub struct ImapPolicy {
-    pub hostname: String,
-    pub allow_plaintext_auth: bool,
-    pub tls_available: bool,
-}
 
 /// What the I/O loop must do after a command.
 #[derive(Debug, PartialEq, Eq)]
@@ -85,7 +78,7 @@ const FETCH_CHUNK: usize = 256 * 1024;
 const NO_MESSAGE: u32 = u32::MAX;
 
 pub struct Session {
-    policy: ImapPolicy,
+    policy: LoginPolicy,
     pending_fetch: Option<PendingFetch>,
     /// The saved SEARCH result (RFC 5182), as UIDs, ascending.
     saved: Vec<u32>,
@@ -169,7 +162,7 @@ impl From<common::flags::FlagsError> for Done {
 
 impl Session {
     /// A new session; `tls` when the connection is already encrypted.
-    pub fn new(policy: ImapPolicy, tls: bool, cache: std::sync::Arc<FolderCache>) -> Session {
+    pub fn new(policy: LoginPolicy, tls: bool, cache: std::sync::Arc<FolderCache>) -> Session {
         Session {
             policy,
             pending_fetch: None,

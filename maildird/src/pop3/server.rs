@@ -15,7 +15,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::command::{self, MAX_COMMAND_LINE};
 use super::output::MessageEncoder;
-use super::session::{Action, Pop3Policy, Session};
+use super::session::{Action, Session};
 use crate::access::{handshake, Access, Settings};
 use crate::login::{login, LoginError};
 use crate::maildrop::{Maildrop, MaildropError};
@@ -48,15 +48,9 @@ impl Pop3Server {
         })
     }
 
-    /// Replace the settings and certificate (SIGHUP); open sessions keep
-    /// theirs.
-    pub fn reload(&self, config: Config, tls: Option<TlsAcceptor>) {
-        self.access.reload(config, tls);
-    }
-
-    /// Sessions now open.
-    pub fn active_sessions(&self) -> usize {
-        self.access.active_sessions()
+    /// The shared state: reload and session count.
+    pub fn access(&self) -> &Access {
+        &self.access
     }
 
     /// Accept connections until shutdown; `implicit_tls` for pop3s.
@@ -77,22 +71,15 @@ impl Pop3Server {
     ) {
         let settings = self.access.settings();
         let ip = peer.ip();
-        let admitted = self.access.admit(ip, &settings);
-        let Ok(_slot) = admitted else {
-            // On the implicit-TLS port nothing may go out in clear: just close.
-            if !implicit_tls {
-                let _ = stream
-                    .write_all(b"-ERR [SYS/TEMP] Too many connections\r\n")
-                    .await;
-            }
+        let refusal = b"-ERR [SYS/TEMP] Too many connections\r\n";
+        let Some(_slot) = self
+            .access
+            .admit(&mut stream, ip, &settings, implicit_tls, refusal)
+            .await
+        else {
             return;
         };
-        let _ = stream.set_nodelay(true);
-        let policy = Pop3Policy {
-            hostname: settings.config.hostname.clone(),
-            allow_plaintext_auth: settings.config.maildird.allow_plaintext_auth,
-            tls_available: settings.tls.is_some(),
-        };
+        let policy = settings.login_policy();
         let result = if implicit_tls {
             match handshake(stream, &settings, "pop3").await {
                 Some(tls) => {

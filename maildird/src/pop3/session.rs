@@ -3,6 +3,7 @@
 //! when to check a password, send a message, start TLS or delete.
 
 use super::command::{Command, ParseError};
+use crate::login::LoginPolicy;
 
 /// One message of the maildrop as the session sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -11,16 +12,6 @@ pub struct MessageInfo {
     pub size: u64,
     /// Unique id for UIDL (RFC 1939 section 7): 1 to 70 characters 0x21-0x7E.
     pub uidl: String,
-}
-
-/// Session settings.
-#[derive(Debug, Clone)]
-pub struct Pop3Policy {
-    pub hostname: String,
-    /// Whether USER/PASS and AUTH are allowed without TLS.
-    pub allow_plaintext_auth: bool,
-    /// Whether STLS can be offered (a certificate is loaded).
-    pub tls_available: bool,
 }
 
 /// What the I/O loop does next.
@@ -65,14 +56,14 @@ enum State {
 /// One POP3 session.
 #[derive(Debug)]
 pub struct Session {
-    policy: Pop3Policy,
+    policy: LoginPolicy,
     tls: bool,
     state: State,
 }
 
 impl Session {
     /// A new session; `tls` is true on the implicit-TLS port.
-    pub fn new(policy: Pop3Policy, tls: bool) -> Session {
+    pub fn new(policy: LoginPolicy, tls: bool) -> Session {
         Session {
             policy,
             tls,
@@ -377,7 +368,7 @@ mod tests {
 
     fn session(tls: bool, plaintext: bool) -> Session {
         Session::new(
-            Pop3Policy {
+            LoginPolicy {
                 hostname: "mx".into(),
                 allow_plaintext_auth: plaintext,
                 tls_available: true,
