@@ -267,6 +267,44 @@ fn unique_name(hostname: &str) -> String {
     )
 }
 
+/// The size with CRLF line ends (what IMAP's RFC822.SIZE and POP3's LIST
+/// report) that a message file name records in its `,W=` field (ours and
+/// Dovecot's), if it does.
+pub fn crlf_size_from_name(file_name: &str) -> Option<u64> {
+    let base = file_name.split(':').next().unwrap_or(file_name);
+    base.split(',')
+        .find_map(|f| f.strip_prefix("W="))
+        .and_then(|w| w.parse().ok())
+}
+
+/// The size with CRLF line ends of the message file at `path`: from its
+/// name when it tells, else counted (each LF not after a CR counts two).
+pub fn crlf_size(path: &Path) -> io::Result<u64> {
+    if let Some(size) = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(crlf_size_from_name)
+    {
+        return Ok(size);
+    }
+    let mut file = File::open(path)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut size, mut prev) = (0u64, b'\n');
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(size);
+        }
+        size += n as u64;
+        for &b in &buf[..n] {
+            if b == b'\n' && prev != b'\r' {
+                size += 1;
+            }
+            prev = b;
+        }
+    }
+}
+
 /// Remove files from the `tmp/` directory of `maildir`: every unfinished
 /// delivery of ours (`own_leftovers`: only when no delivery can be running),
 /// and anything older than 36 hours. Returns how many were removed.
@@ -338,6 +376,18 @@ mod tests {
         assert_eq!(content, b"a\r\nb\n");
         let name = d.path.file_name().unwrap().to_string_lossy().into_owned();
         assert!(name.ends_with(",S=5,W=6"), "{name}");
+    }
+
+    #[test]
+    fn crlf_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let named = dir.path().join("1.a.h,S=4,W=6:2,S");
+        std::fs::write(&named, b"whatever").unwrap();
+        assert_eq!(crlf_size(&named).unwrap(), 6);
+        let bare = dir.path().join("2.a.h");
+        std::fs::write(&bare, b"a\r\nb\nc").unwrap();
+        assert_eq!(crlf_size(&bare).unwrap(), 7);
+        assert_eq!(crlf_size_from_name("3.a.h,S=1"), None);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! a second POP3 session, changed only in the UPDATE state.
 
 use std::collections::HashSet;
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use common::flags::{Keywords, SystemFlag};
@@ -62,7 +62,7 @@ impl Maildrop {
         let mut messages = Vec::with_capacity(state.entries.len());
         for entry in state.entries {
             let path = entry.path(root);
-            let size = match crlf_size(&entry.file_name, &path) {
+            let size = match common::maildir::crlf_size(&path) {
                 Ok(size) => size,
                 // Moved or removed by an IMAP session meanwhile.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -144,36 +144,6 @@ fn with_seen_flag(path: &Path, base: &str) -> String {
     let (mut flags, other) = letters.parse_info(info);
     flags.system.insert(SystemFlag::Seen);
     format!("{base}:2,{}", letters.render(&flags, &other))
-}
-
-/// The size with CRLF line ends: the `,W=` field when the name has one
-/// (written by our delivery and Dovecot's), else counted.
-fn crlf_size(name: &str, path: &Path) -> io::Result<u64> {
-    let base = name.split(':').next().unwrap_or(name);
-    if let Some(w) = base
-        .split(',')
-        .find_map(|f| f.strip_prefix("W="))
-        .and_then(|w| w.parse().ok())
-    {
-        return Ok(w);
-    }
-    let mut file = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut size = 0u64;
-    let mut prev = b'\n';
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok(size);
-        }
-        for &b in &buf[..n] {
-            if b == b'\n' && prev != b'\r' {
-                size += 1;
-            }
-            size += 1;
-            prev = b;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -84,28 +84,12 @@ impl MessageFile {
         self.flags.system.contains(&flag)
     }
 
-    /// Octets with CRLF line ends (RFC822.SIZE): the name's `,W=` field
-    /// (ours and Dovecot's), else counted once.
+    /// Octets with CRLF line ends (RFC822.SIZE), counted at most once.
     pub fn size(&self, folder: &Path) -> io::Result<u64> {
         if let Some(s) = self.known_size() {
             return Ok(s);
         }
-        let mut file = std::fs::File::open(self.path(folder))?;
-        let mut buf = vec![0u8; 64 * 1024];
-        let (mut size, mut prev) = (0u64, b'\n');
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            for &b in &buf[..n] {
-                if b == b'\n' && prev != b'\r' {
-                    size += 1;
-                }
-                size += 1;
-                prev = b;
-            }
-        }
+        let size = maildir::crlf_size(&self.path(folder))?;
         Ok(*self.size.get_or_init(|| size))
     }
 
@@ -114,7 +98,7 @@ impl MessageFile {
         self.size
             .get()
             .copied()
-            .or_else(|| size_from_name(&self.base))
+            .or_else(|| maildir::crlf_size_from_name(&self.base))
     }
 }
 
@@ -145,13 +129,6 @@ impl std::ops::Deref for Message {
     fn deref(&self) -> &MessageFile {
         &self.file
     }
-}
-
-/// `,W=` of a Maildir base name.
-fn size_from_name(base: &str) -> Option<u64> {
-    base.split(',')
-        .find_map(|f| f.strip_prefix("W="))
-        .and_then(|w| w.parse().ok())
 }
 
 /// The folder's UIDVALIDITY changed while it was selected.
