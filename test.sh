@@ -9,6 +9,7 @@ missing=()
 command -v swaks >/dev/null || missing+=(swaks)
 command -v fetchmail >/dev/null || missing+=(fetchmail)
 command -v mbsync >/dev/null || missing+=(isync)
+command -v offlineimap >/dev/null || missing+=(offlineimap3)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=; [ "$(id -u)" -eq 0 ] || sudo=sudo
   $sudo apt-get update -qq

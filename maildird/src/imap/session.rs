@@ -923,7 +923,7 @@ impl Session {
         if !mb.exists(&name) {
             return Err(Done::no(Some("TRYCREATE"), "Mailbox does not exist"));
         }
-        let flags = message_flags(flags)?;
+        let flags = message_flags(flags);
         let date = date.map(|d| {
             let secs = d.as_ref().timestamp();
             if secs >= 0 {
@@ -1165,7 +1165,7 @@ impl Session {
     ) -> Result<Done, Done> {
         self.in_selected()?;
         let indexes = self.resolve(set, uid)?;
-        let wanted = message_flags(flags)?;
+        let wanted = message_flags(flags);
         let mode = self.fetch_mode();
         let Some(folder) = self.selected.as_mut() else {
             return Err(Done::bad("No mailbox selected"));
@@ -1445,7 +1445,7 @@ fn flag_list(folder: &Folder) -> String {
 }
 
 /// Flags from a client's list; \Recent cannot be set (RFC 9051 2.3.2).
-fn message_flags(flags: &[Flag]) -> Result<MessageFlags, Done> {
+fn message_flags(flags: &[Flag]) -> MessageFlags {
     let mut out = MessageFlags::default();
     for f in flags {
         match f {
@@ -1470,7 +1470,7 @@ fn message_flags(flags: &[Flag]) -> Result<MessageFlags, Done> {
             Flag::Extension(_) => {}
         }
     }
-    Ok(out)
+    out
 }
 
 fn status_item(name: &str) -> Option<StatusDataItemName> {
