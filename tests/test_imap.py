@@ -1276,3 +1276,17 @@ def test_searchres_saves_a_result_for_dollar(srv):
         conn.expect("SEARCH RETURN (SAVE) ALL")
         conn.select("INBOX")
         assert conn.expect("UID FETCH $ (UID)")[:-1] == []
+
+
+def test_a_new_user_is_subscribed_to_inbox_and_the_special_folders(srv):
+    """Thunderbird shows only subscribed folders by default: Sent, Drafts,
+    Junk, Trash and Archive must be there from the first login, and an
+    unsubscription must stick."""
+    special = {"INBOX", "Sent", "Drafts", "Junk", "Trash", "Archive"}
+    with srv.raw_imap(user=ALICE) as conn:
+        listed = {parse_list(r)[2] for r in conn.expect('LSUB "" "*"')[:-1]}
+        assert listed == special, listed
+        conn.expect("UNSUBSCRIBE Junk")
+    with srv.raw_imap(user=ALICE) as conn:
+        responses = conn.expect('LIST (SUBSCRIBED) "" "*" RETURN (CHILDREN SPECIAL-USE)')[:-1]
+        assert {parse_list(r)[2] for r in responses} == special - {"Junk"}, responses

@@ -264,6 +264,22 @@ impl Mailboxes {
     }
 }
 
+/// Subscribe INBOX and the special-use folders of a user who has no
+/// subscriptions file yet, so clients that show only subscribed folders
+/// (Thunderbird's default) show them from the first login. A user who
+/// later unsubscribes keeps the choice: the file then exists.
+pub fn subscribe_defaults(root: &Path) -> io::Result<()> {
+    let path = root.join(SUBSCRIPTIONS_FILE);
+    if path.exists() {
+        return Ok(());
+    }
+    let text: String = std::iter::once("INBOX")
+        .chain(common::maildir::SPECIAL_FOLDERS)
+        .map(|n| format!("{n}\n"))
+        .collect();
+    write_atomic(&path, text.as_bytes())
+}
+
 /// STATUS figures of an open folder.
 pub fn status_of(folder: &mut Folder) -> StatusInfo {
     let mut info = StatusInfo {
@@ -328,6 +344,18 @@ mod tests {
             mb.delete(&name("INBOX")),
             Err(MailboxError::Cannot(_))
         ));
+    }
+
+    #[test]
+    fn default_subscriptions_only_once() {
+        let dir = tempfile::tempdir().unwrap();
+        create_mailbox(dir.path()).unwrap();
+        subscribe_defaults(dir.path()).unwrap();
+        let mb = Mailboxes::new(dir.path(), Arc::default());
+        assert_eq!(mb.subscriptions().unwrap().len(), 6);
+        mb.subscribe(&name("Junk"), false).unwrap();
+        subscribe_defaults(dir.path()).unwrap();
+        assert!(!mb.subscriptions().unwrap().contains(&"Junk".to_string()));
     }
 
     #[test]

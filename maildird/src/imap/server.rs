@@ -336,7 +336,11 @@ impl ImapServer {
         };
         let prepared = {
             let root = root.clone();
-            tokio::task::spawn_blocking(move || common::maildir::create_mailbox(&root)).await
+            tokio::task::spawn_blocking(move || {
+                common::maildir::create_mailbox(&root)?;
+                super::mailboxes::subscribe_defaults(&root)
+            })
+            .await
         };
         match prepared {
             Ok(Ok(())) => {
