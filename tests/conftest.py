@@ -16,6 +16,7 @@ import os
 import poplib
 import random
 import re
+import shutil
 import signal
 import smtplib
 import subprocess
@@ -153,8 +154,12 @@ class Mailsrv:
     mounted on the spool directory; only processes in that namespace see
     it, so the tests look at it through /proc/<pid>/root (`spool_view`)."""
 
-    def __init__(self, root: Path, port_base: int, spool_tmpfs: str | None = None):
+    def __init__(self, root: Path, port_base: int, spool_tmpfs: str | None = None,
+                 privileged: bool = False):
         self.root = root
+        # privileged: `mailctl init` without --single-user, so that when the
+        # tests run as root the daemons drop to the system users.
+        self.privileged = privileged
         self.spool_tmpfs = spool_tmpfs
         self.port_base = port_base
         self.smtp_port = port_base + 25
@@ -176,8 +181,10 @@ class Mailsrv:
 
     def init(self, check: bool = True) -> Result:
         self.root.mkdir(parents=True, exist_ok=True)
+        single = [] if self.privileged else ["--single-user"]
         return run_mailctl(["init", str(self.root), "--hostname", self.hostname,
-                            "--domain", self.domain, "--port-base", str(self.port_base)],
+                            "--domain", self.domain, "--port-base", str(self.port_base),
+                            *single],
                            check=check)
 
     def set_config(self, dotted_key: str, value: Any) -> int:
@@ -207,6 +214,16 @@ class Mailsrv:
     def pop3s_port(self) -> int:
         """The first maildird.pop3s_listen port (implicit TLS; P+995 from init)."""
         return self._listen_port("maildird", "pop3s_listen")
+
+    @property
+    def submission_port(self) -> int:
+        """The first smtpd.submission_listen port (STARTTLS, AUTH; P+587 from init)."""
+        return self._listen_port("smtpd", "submission_listen")
+
+    @property
+    def submissions_port(self) -> int:
+        """The first smtpd.submissions_listen port (implicit TLS; P+465 from init)."""
+        return self._listen_port("smtpd", "submissions_listen")
 
     @property
     def imap_port(self) -> int:
@@ -616,11 +633,21 @@ def make_mailsrv(tmp_path: Path, request: pytest.FixtureRequest):
         pytest.fail(f"{MAILCTL} not found: build with `cargo build --workspace` "
                     "or set MAILSRV_BIN_DIR")
     made: list[Mailsrv] = []
+    shared_roots: list[Path] = []
 
     def make(config: dict[str, Any] | None = None, start: bool = True,
              spool_tmpfs: str | None = None, users: Iterable[str] = (),
-             wait_for_imap: bool = False) -> Mailsrv:
-        srv = Mailsrv(tmp_path / f"inst{len(made)}", free_port_base(), spool_tmpfs)
+             wait_for_imap: bool = False, privileged: bool = False) -> Mailsrv:
+        if privileged:
+            # The daemons' users must get through every directory above
+            # the installation; pytest's own temp dirs are private.
+            root = Path(tempfile.mkdtemp(prefix="mailsrv-priv-", dir="/tmp"))
+            root.chmod(0o755)
+            shared_roots.append(root)
+            root = root / "inst"
+        else:
+            root = tmp_path / f"inst{len(made)}"
+        srv = Mailsrv(root, free_port_base(), spool_tmpfs, privileged)
         made.append(srv)
         srv.wait_for_imap = wait_for_imap
         srv.init()
@@ -641,6 +668,8 @@ def make_mailsrv(tmp_path: Path, request: pytest.FixtureRequest):
             finally:
                 if _test_failed(request.node):
                     print(srv.log_tail(), file=sys.stderr)
+        for root in shared_roots:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -55,9 +55,50 @@ pub struct Config {
     pub addresses: AddressConfig,
     /// TLS certificate and key.
     pub tls: TlsConfig,
-    /// The POP3 (and later IMAP) server.
+    /// The IMAP and POP3 server.
     #[serde(default)]
     pub maildird: MaildirdConfig,
+    /// The system users the daemons drop to when started as root. Absent:
+    /// every daemon runs as whoever starts it.
+    #[serde(default)]
+    pub privileges: Option<PrivilegesConfig>,
+}
+
+/// Who each daemon runs as after it has bound its ports and read its key
+/// (when started as root).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivilegesConfig {
+    /// Runs smtpd; owns the spool.
+    #[serde(default = "default_spool_user")]
+    pub spool_user: String,
+    /// Runs qmgr (local delivery) and maildird; owns the mail store.
+    #[serde(default = "default_store_user")]
+    pub store_user: String,
+    /// May read the user database, the config, the tables and the TLS key;
+    /// every daemon gets it as a supplementary group.
+    #[serde(default = "default_secret_group")]
+    pub secret_group: String,
+}
+
+impl Default for PrivilegesConfig {
+    fn default() -> Self {
+        Self {
+            spool_user: default_spool_user(),
+            store_user: default_store_user(),
+            secret_group: default_secret_group(),
+        }
+    }
+}
+
+fn default_spool_user() -> String {
+    "mailsrv".into()
+}
+fn default_store_user() -> String {
+    "vmail".into()
+}
+fn default_secret_group() -> String {
+    "mailkeys".into()
 }
 
 /// Where state lives. Relative paths are taken relative to the directory of
@@ -120,8 +161,41 @@ fn de_log_level<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SmtpdConfig {
-    /// Addresses of the MX (port 25) listeners.
+    /// Addresses of the MX (port 25) listeners: STARTTLS offered, no AUTH.
+    #[serde(default)]
     pub listen: Vec<SocketAddr>,
+    /// Message submission listeners (RFC 6409, port 587): STARTTLS, and
+    /// AUTH required before MAIL.
+    #[serde(default)]
+    pub submission_listen: Vec<SocketAddr>,
+    /// Submission over implicit TLS (RFC 8314, port 465), AUTH required.
+    #[serde(default)]
+    pub submissions_listen: Vec<SocketAddr>,
+    /// Offer and accept AUTH before TLS. Off: passwords never cross the
+    /// network in clear.
+    #[serde(default)]
+    pub allow_plaintext_auth: bool,
+    /// Failed authentications from one client address within
+    /// `auth_failure_window` before AUTH from it is refused (454) until the
+    /// window passes.
+    #[serde(default = "default_max_auth_failures")]
+    pub max_auth_failures: u32,
+    /// Failed authentications for one account, from anywhere, within
+    /// `auth_failure_window` before AUTH as that account is refused.
+    #[serde(default = "default_max_account_auth_failures")]
+    pub max_account_auth_failures: u32,
+    /// Seconds over which failed authentications are counted.
+    #[serde(default = "default_auth_failure_window")]
+    pub auth_failure_window: u64,
+    /// Write the authenticated user's name into the `Received:` header
+    /// (otherwise only the fact of authentication, as `with ESMTPSA`).
+    #[serde(default)]
+    pub received_auth_user: bool,
+    /// NOOP, RSET, VRFY, HELP and unknown commands a session may send
+    /// before it is disconnected with 421 (Postfix's
+    /// smtpd_junk_command_limit).
+    #[serde(default = "default_max_junk_commands")]
+    pub max_junk_commands: u32,
     /// Largest message accepted, in bytes (RFC 1870 SIZE).
     #[serde(default = "default_max_message_size")]
     pub max_message_size: u64,
@@ -186,6 +260,12 @@ fn default_max_errors() -> u32 {
 }
 fn default_shutdown_grace() -> u64 {
     10
+}
+fn default_max_junk_commands() -> u32 {
+    100
+}
+fn default_max_account_auth_failures() -> u32 {
+    30
 }
 
 /// The queue manager's settings.
@@ -310,6 +390,10 @@ pub struct AccessLimits {
     /// further logins from it are refused until the window passes.
     #[serde(default = "default_max_auth_failures")]
     pub max_auth_failures: u32,
+    /// Failed logins for one account, from anywhere, within
+    /// `auth_failure_window` before logins as it are refused.
+    #[serde(default = "default_max_account_auth_failures")]
+    pub max_account_auth_failures: u32,
     /// Seconds over which failed logins are counted.
     #[serde(default = "default_auth_failure_window")]
     pub auth_failure_window: u64,
@@ -322,6 +406,7 @@ impl Default for AccessLimits {
             max_connections_per_client: default_max_connections_per_client(),
             idle_timeout: default_idle_timeout(),
             max_auth_failures: default_max_auth_failures(),
+            max_account_auth_failures: default_max_account_auth_failures(),
             auth_failure_window: default_auth_failure_window(),
         }
     }
@@ -471,8 +556,13 @@ impl Config {
         if self.hostname.is_empty() || self.hostname.contains(char::is_whitespace) {
             return fail("hostname", "must be a host name without spaces");
         }
-        if self.smtpd.listen.is_empty() {
-            return fail("smtpd.listen", "needs at least one address");
+        let s = &self.smtpd;
+        if s.listen.is_empty() && s.submission_listen.is_empty() && s.submissions_listen.is_empty()
+        {
+            return fail(
+                "smtpd.listen",
+                "needs at least one address (or submission_listen or submissions_listen)",
+            );
         }
         if self.smtpd.max_line_length < 512 {
             return fail(
@@ -490,6 +580,19 @@ impl Config {
                 self.smtpd.max_connections_per_client as u64,
             ),
             ("smtpd.max_errors", u64::from(self.smtpd.max_errors)),
+            (
+                "smtpd.max_junk_commands",
+                u64::from(self.smtpd.max_junk_commands),
+            ),
+            (
+                "smtpd.max_auth_failures",
+                u64::from(self.smtpd.max_auth_failures),
+            ),
+            (
+                "smtpd.max_account_auth_failures",
+                u64::from(self.smtpd.max_account_auth_failures),
+            ),
+            ("smtpd.auth_failure_window", self.smtpd.auth_failure_window),
             ("smtpd.command_timeout", self.smtpd.command_timeout),
             ("smtpd.data_timeout", self.smtpd.data_timeout),
             ("smtpd.session_timeout", self.smtpd.session_timeout),
@@ -507,6 +610,10 @@ impl Config {
             (
                 "maildird.limits.max_auth_failures",
                 u64::from(access.max_auth_failures),
+            ),
+            (
+                "maildird.limits.max_account_auth_failures",
+                u64::from(access.max_account_auth_failures),
             ),
             (
                 "maildird.limits.auth_failure_window",
@@ -530,6 +637,15 @@ impl Config {
                 "qmgr.min_backoff",
                 "must be at least 1 and at most qmgr.max_backoff",
             );
+        }
+        if let Some(p) = &self.privileges {
+            if p.spool_user == p.store_user {
+                // design.md: smtpd must not be able to read the Maildirs.
+                return fail(
+                    "privileges.store_user",
+                    "must differ from privileges.spool_user",
+                );
+            }
         }
         let d = &self.addresses.recipient_delimiter;
         if d.chars().count() > 1 || d.contains(['@', '.', '"', ' ']) {

@@ -52,6 +52,9 @@ where
     E: std::fmt::Display,
 {
     return_large_allocations();
+    // Spool files, Maildirs and their state files are for the daemons'
+    // own user and group only.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o007));
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if threads > 0 {
         builder.worker_threads(threads);

@@ -62,6 +62,21 @@ impl Directory {
         Ok(out.into_iter().collect())
     }
 
+    /// Whether the authenticated `user` may send as `sender`: its own
+    /// address, a plus-form of it, or an address (alias, catch-all) whose
+    /// mail reaches `user`.
+    pub fn may_send_as(&self, user: &Address, sender: &Address) -> bool {
+        if sender.without_tag(&self.delimiter).0.key() == user.key() {
+            return true;
+        }
+        let user = user.key();
+        self.resolve(sender).is_ok_and(|dests| {
+            dests
+                .iter()
+                .any(|d| matches!(d, Destination::Local(a) if a.key() == user))
+        })
+    }
+
     fn expand(
         &self,
         address: &Address,
@@ -224,6 +239,22 @@ mod tests {
                 })
                 .collect()
         })
+    }
+
+    #[test]
+    fn who_may_send_as_whom() {
+        let d = directory("team@a.test: alice@a.test, carol@b.test\n@b.test: carol@b.test\n");
+        let a = |s: &str| Address::parse(s).unwrap();
+        let alice = a("alice@a.test");
+        assert!(d.may_send_as(&alice, &a("Alice@A.TEST")));
+        assert!(d.may_send_as(&alice, &a("alice+lists@a.test")));
+        assert!(d.may_send_as(&alice, &a("team@a.test")));
+        assert!(!d.may_send_as(&alice, &a("bob@a.test")));
+        assert!(!d.may_send_as(&alice, &a("nobody@a.test")));
+        assert!(!d.may_send_as(&alice, &a("alice@elsewhere.test")));
+        let carol = a("carol@b.test");
+        assert!(d.may_send_as(&carol, &a("anything@b.test")));
+        assert!(d.may_send_as(&carol, &a("team@a.test")));
     }
 
     #[test]

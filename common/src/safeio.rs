@@ -12,17 +12,27 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
     write_atomic_mode(path, contents, 0o644)
 }
 
-/// Like [`write_atomic`] but keeps the permission bits `mode` (for files
-/// holding secrets, such as the user database).
+/// Like [`write_atomic`] but a new file gets the permission bits `mode`
+/// (for files holding secrets, such as the user database). A file that
+/// exists keeps its owner, group and permission bits, so that a table an
+/// admin (or `mailctl init`) made readable by the daemons' group stays so.
 pub fn write_atomic_mode(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
     let tmp = temp_sibling(path);
+    let existing = std::fs::metadata(path).ok();
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(mode)
             .open(&tmp)?;
+        if let Some(old) = &existing {
+            let new = f.metadata()?;
+            if (new.uid(), new.gid()) != (old.uid(), old.gid()) {
+                std::os::unix::fs::fchown(&f, Some(old.uid()), Some(old.gid()))?;
+            }
+            f.set_permissions(std::fs::Permissions::from_mode(old.mode() & 0o7777))?;
+        }
         f.write_all(contents)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -113,6 +123,18 @@ mod tests {
         write_atomic_mode(&p, b"two", 0o600).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn rewrite_keeps_the_existing_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("users");
+        write_atomic_mode(&p, b"one", 0o600).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        write_atomic_mode(&p, b"two", 0o600).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o640);
     }
 
     #[test]

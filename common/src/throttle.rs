@@ -1,25 +1,26 @@
-//! Throttling of failed logins per client address, shared by every
-//! protocol that takes passwords.
+//! Throttling of failed logins per client address or per account, shared
+//! by every protocol that takes passwords.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::IpAddr;
+use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Addresses remembered at most; past this, addresses whose failures all
-/// left the window are forgotten first.
+/// Keys remembered at most; past this, keys whose failures all left the
+/// window are forgotten first.
 const MAX_TRACKED: usize = 65_536;
 
-/// Counts failed logins per address over a sliding window.
-pub struct AuthThrottle {
+/// Counts failed logins per key (a client address, an account) over a
+/// sliding window.
+pub struct AuthThrottle<K> {
     max_failures: u32,
     window: Duration,
-    failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
+    failures: Mutex<HashMap<K, VecDeque<Instant>>>,
 }
 
-impl AuthThrottle {
-    /// At most `max_failures` failures per address within `window`.
-    pub fn new(max_failures: u32, window: Duration) -> AuthThrottle {
+impl<K: Hash + Eq + Clone> AuthThrottle<K> {
+    /// At most `max_failures` failures per key within `window`.
+    pub fn new(max_failures: u32, window: Duration) -> AuthThrottle<K> {
         AuthThrottle {
             max_failures,
             window,
@@ -27,11 +28,11 @@ impl AuthThrottle {
         }
     }
 
-    /// Whether logins from `ip` are refused now.
-    pub fn is_blocked(&self, ip: IpAddr) -> bool {
+    /// Whether logins for `key` are refused now.
+    pub fn is_blocked(&self, key: &K) -> bool {
         let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        match map.get_mut(&ip) {
+        match map.get_mut(key) {
             Some(times) => {
                 prune(times, now, self.window);
                 times.len() >= self.max_failures as usize
@@ -40,17 +41,17 @@ impl AuthThrottle {
         }
     }
 
-    /// Count a failed login from `ip`.
-    pub fn record_failure(&self, ip: IpAddr) {
+    /// Count a failed login for `key`.
+    pub fn record_failure(&self, key: &K) {
         let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        if map.len() >= MAX_TRACKED && !map.contains_key(&ip) {
+        if map.len() >= MAX_TRACKED && !map.contains_key(key) {
             map.retain(|_, times| {
                 prune(times, now, self.window);
                 !times.is_empty()
             });
         }
-        let times = map.entry(ip).or_default();
+        let times = map.entry(key.clone()).or_default();
         prune(times, now, self.window);
         // Only the most recent `max_failures` matter.
         if times.len() >= self.max_failures as usize {
@@ -72,18 +73,19 @@ fn prune(times: &mut VecDeque<Instant>, now: Instant, window: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
 
     #[test]
     fn blocks_after_max_failures_and_forgets_after_window() {
         let t = AuthThrottle::new(2, Duration::from_millis(50));
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let other: IpAddr = "192.0.2.2".parse().unwrap();
-        t.record_failure(ip);
-        assert!(!t.is_blocked(ip));
-        t.record_failure(ip);
-        assert!(t.is_blocked(ip));
-        assert!(!t.is_blocked(other));
+        t.record_failure(&ip);
+        assert!(!t.is_blocked(&ip));
+        t.record_failure(&ip);
+        assert!(t.is_blocked(&ip));
+        assert!(!t.is_blocked(&other));
         std::thread::sleep(Duration::from_millis(60));
-        assert!(!t.is_blocked(ip));
+        assert!(!t.is_blocked(&ip));
     }
 }

@@ -1,12 +1,22 @@
-//! TLS server configuration from the PEM files named in the config
-//! (rustls with the ring provider).
+//! TLS for the servers: the rustls configuration from the PEM files named
+//! in the config (ring provider), the bounded handshake, and what a
+//! `Received:` header says of a connection.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use rustls::ServerConfig;
+use rustls::{ServerConfig, ServerConnection};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::TlsConfig;
+
+/// Longest a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why the certificate or key cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +64,58 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
         .with_single_cert(chain, private)
         .map_err(|e| mismatch(e.to_string()))?;
     Ok(Arc::new(config))
+}
+
+/// The acceptor for the certificate and key in `config`.
+pub fn acceptor(config: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
+    server_config(&config.cert, &config.key).map(TlsAcceptor::from)
+}
+
+/// The TLS handshake on an accepted connection, bounded in time; None
+/// (logged at debug level with `protocol`) when it fails.
+pub async fn handshake(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    protocol: &str,
+) -> Option<TlsStream<TcpStream>> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            tracing::debug!("{protocol} TLS handshake failed: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("{protocol} TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// The negotiated protocol version and cipher suite, as Postfix writes
+/// them in `Received:` (`TLSv1.3`, `TLS_AES_256_GCM_SHA384`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSummary {
+    pub version: String,
+    pub cipher: String,
+}
+
+impl TlsSummary {
+    /// What `connection` negotiated (None before the handshake ends).
+    pub fn of(connection: &ServerConnection) -> Option<TlsSummary> {
+        let version = match connection.protocol_version()? {
+            rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".to_string(),
+            rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_string(),
+            other => format!("{other:?}"),
+        };
+        let suite = format!("{:?}", connection.negotiated_cipher_suite()?.suite());
+        // rustls prefixes its TLS 1.3 suites with TLS13_; the IANA names
+        // (RFC 8446 B.4) start with TLS_.
+        let cipher = match suite.strip_prefix("TLS13_") {
+            Some(rest) => format!("TLS_{rest}"),
+            None => suite,
+        };
+        Some(TlsSummary { version, cipher })
+    }
 }
 
 #[cfg(test)]

@@ -2,10 +2,10 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use common::aliases::Aliases;
 use common::config::Config;
 use common::domains::Domains;
+use common::privileges::{identity, Role};
 use common::userdb::UserDb;
 
 /// Validate the config file and every table it names; the first error is
@@ -30,8 +30,13 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             );
         }
     }
-    for p in [&config.tls.cert, &config.tls.key] {
-        std::fs::metadata(p).with_context(|| format!("{}: tls file", p.display()))?;
+    // The same load the daemons do at start: unreadable files and a key
+    // that does not match the certificate are errors here too.
+    common::tls::server_config(&config.tls.cert, &config.tls.key)?;
+    if let Some(p) = &config.privileges {
+        for role in [Role::Smtpd, Role::Qmgr, Role::Maildird] {
+            identity(p, role)?;
+        }
     }
     println!("{}: ok", config_path.display());
     Ok(())

@@ -8,6 +8,8 @@ use common::address::normalize_domain;
 use common::config::Config;
 use common::spool::Spool;
 
+use crate::system;
+
 /// Arguments of `mailctl init`.
 #[derive(Debug, Args)]
 pub struct InitArgs {
@@ -19,10 +21,15 @@ pub struct InitArgs {
     /// First served domain [default: the host name]
     #[arg(long)]
     domain: Option<String>,
-    /// Listen on 127.0.0.1 at P+25 (SMTP), P+110 (POP3) and P+995 (POP3S);
-    /// P+587, P+465, P+143 and P+993 are kept for submission and IMAP
+    /// Listen on 127.0.0.1 at P+25 (SMTP), P+587 (submission), P+465
+    /// (submissions), P+143 (IMAP), P+993 (IMAPS), P+110 (POP3) and P+995
+    /// (POP3S)
     #[arg(long, default_value_t = 10000)]
     port_base: u16,
+    /// Run every daemon as whoever starts it, even root: no system users,
+    /// no [privileges] section (containers, tests)
+    #[arg(long)]
+    single_user: bool,
 }
 
 /// Create the installation.
@@ -42,10 +49,15 @@ pub fn run(args: &InitArgs) -> anyhow::Result<()> {
         bail!("--port-base is too high: P+995 must be a port number");
     }
     let smtp_port = args.port_base + 25;
+    let privileged = system::is_root() && !args.single_user;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let text = config_text(&args.hostname, args.port_base);
+    let mut text = config_text(&args.hostname, args.port_base);
+    if privileged {
+        text.push_str(PRIVILEGES);
+    }
     // Check what we are about to write with the real parser.
-    Config::parse(&text, &config_path).context("internal error: generated config is invalid")?;
+    let mut config = Config::parse(&text, &config_path)
+        .context("internal error: generated config is invalid")?;
     for sub in ["mail", "run", "log", "tls"] {
         std::fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {sub}/"))?;
     }
@@ -61,13 +73,32 @@ pub fn run(args: &InitArgs) -> anyhow::Result<()> {
     )?;
     write_new(&dir.join("domains"), &format!("{domain}\n"), 0o644)?;
     write_new(&config_path, &text, 0o644)?;
+    if let Some(p) = &config.privileges {
+        system::ensure_accounts(p)?;
+        config = Config::load(&config_path)?;
+        system::apply_ownership(&config, &config_path)?;
+    }
     println!("created {}", config_path.display());
     println!("  smtp      127.0.0.1:{smtp_port}");
+    println!(
+        "  submission 127.0.0.1:{} (STARTTLS, AUTH)",
+        args.port_base + 587
+    );
+    println!(
+        "  submissions 127.0.0.1:{} (TLS, AUTH)",
+        args.port_base + 465
+    );
     println!("  imap      127.0.0.1:{} (STARTTLS)", args.port_base + 143);
     println!("  imaps     127.0.0.1:{}", args.port_base + 993);
     println!("  pop3      127.0.0.1:{} (STLS)", args.port_base + 110);
     println!("  pop3s     127.0.0.1:{}", args.port_base + 995);
     println!("  domain    {domain}");
+    if let Some(p) = &config.privileges {
+        println!(
+            "  users     smtpd as {}, qmgr and maildird as {}, secrets group {}",
+            p.spool_user, p.store_user, p.secret_group
+        );
+    }
     println!("  mail      {}", dir.join("mail").display());
     println!(
         "next: mailctl -c {} user add you@{domain}",
@@ -88,8 +119,19 @@ fn write_tls(dir: &Path, hostname: &str) -> anyhow::Result<()> {
     write_new(&dir.join("key.pem"), &cert.key_pair.serialize_pem(), 0o600)
 }
 
+/// Written when `mailctl init` runs as root: the daemons drop to these
+/// users after binding their ports.
+const PRIVILEGES: &str = r#"
+[privileges]
+spool_user = "mailsrv"
+store_user = "vmail"
+secret_group = "mailkeys"
+"#;
+
 fn config_text(hostname: &str, port_base: u16) -> String {
     let smtp_port = port_base + 25;
+    let submission_port = port_base + 587;
+    let submissions_port = port_base + 465;
     let imap_port = port_base + 143;
     let imaps_port = port_base + 993;
     let pop3_port = port_base + 110;
@@ -113,6 +155,9 @@ level = "info"
 
 [smtpd]
 listen = ["127.0.0.1:{smtp_port}"]
+submission_listen = ["127.0.0.1:{submission_port}"]
+submissions_listen = ["127.0.0.1:{submissions_port}"]
+allow_plaintext_auth = false
 max_message_size = 26214400
 max_recipients = 100
 relay_networks = []

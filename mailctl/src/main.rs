@@ -3,6 +3,7 @@
 mod check;
 mod control;
 mod init;
+mod system;
 mod tables;
 
 use std::path::PathBuf;

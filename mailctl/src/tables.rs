@@ -79,6 +79,7 @@ pub fn user(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
             UserDb::add(path, &address, &password)?;
             let maildir = maildir_path(&config.paths.mail_root, &address)?;
             create_mailbox(&maildir).with_context(|| format!("creating {}", maildir.display()))?;
+            crate::system::give_to_store(config, &maildir)?;
             println!("added {} (Maildir {})", address.key(), maildir.display());
         }
         UserCommand::Del { address } => {
@@ -142,8 +143,10 @@ pub fn domain(config: &Config, cmd: DomainCommand) -> anyhow::Result<()> {
     match cmd {
         DomainCommand::Add { domain } => {
             let name = Domains::add(path, &domain)?;
-            std::fs::create_dir_all(config.paths.mail_root.join(&name))
+            let dir = config.paths.mail_root.join(&name);
+            std::fs::create_dir_all(&dir)
                 .with_context(|| format!("creating the mail directory of {name}"))?;
+            crate::system::give_to_store(config, &dir)?;
             println!("added {name}");
         }
         DomainCommand::Del { domain } => {

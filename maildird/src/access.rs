@@ -7,9 +7,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use common::config::Config;
+use common::login::LoginThrottle;
 use common::net::{accept_loop, ConnectionLimiter, ConnectionSlot};
 use common::recipients::DirectoryCache;
-use common::throttle::AuthThrottle;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -17,9 +17,6 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::login::LoginPolicy;
-
-/// Longest a TLS handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Settings that a reload replaces.
 pub struct Settings {
@@ -42,7 +39,7 @@ impl Settings {
 pub struct Access {
     settings: RwLock<Arc<Settings>>,
     pub directory: Arc<DirectoryCache>,
-    pub throttle: AuthThrottle,
+    pub throttle: LoginThrottle,
     connections: ConnectionLimiter,
     pub shutdown: watch::Receiver<bool>,
 }
@@ -57,8 +54,9 @@ impl Access {
         shutdown: watch::Receiver<bool>,
     ) -> Access {
         let limits = &config.maildird.limits;
-        let throttle = AuthThrottle::new(
+        let throttle = LoginThrottle::new(
             limits.max_auth_failures,
+            limits.max_account_auth_failures,
             Duration::from_secs(limits.auth_failure_window),
         );
         Access {
@@ -131,19 +129,13 @@ impl Access {
     }
 }
 
-/// The TLS handshake, bounded in time; None (logged) when it fails.
+/// The TLS handshake with the acceptor of `settings`; None (logged) when
+/// there is none or it fails.
 pub async fn handshake(
     stream: TcpStream,
     settings: &Settings,
     protocol: &str,
 ) -> Option<TlsStream<TcpStream>> {
-    let acceptor = settings.tls.clone()?;
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => Some(tls),
-        Ok(Err(e)) => {
-            tracing::debug!("{protocol} TLS handshake failed: {e}");
-            None
-        }
-        Err(_) => None,
-    }
+    let acceptor = settings.tls.as_ref()?;
+    common::tls::handshake(acceptor, stream, protocol).await
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use common::config::Config;
 use common::daemon::{self, SignalEvent, Signals};
+use common::privileges::{drop_privileges, Role};
 use common::recipients::DirectoryCache;
 use mailsrv_maildird::imap::server::ImapServer;
 use mailsrv_maildird::imap::watch::FolderWatcher;
@@ -17,8 +18,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn tls_acceptor(config: &Config) -> anyhow::Result<TlsAcceptor> {
-    let tls = common::tls::server_config(&config.tls.cert, &config.tls.key)?;
-    Ok(TlsAcceptor::from(tls))
+    Ok(common::tls::acceptor(&config.tls)?)
 }
 
 fn bind(addrs: &[std::net::SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
@@ -43,6 +43,7 @@ async fn run() -> anyhow::Result<()> {
     let imaps = bind(&config.maildird.imaps_listen)?;
     let pop3 = bind(&config.maildird.pop3_listen)?;
     let pop3s = bind(&config.maildird.pop3s_listen)?;
+    drop_privileges(&config, Role::Maildird)?;
     let listen: Vec<_> = config
         .maildird
         .imap_listen

@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use common::daemon::{self, SignalEvent, Signals};
+use common::privileges::{drop_privileges, Role};
 use common::safeio::try_lock_exclusive;
 
 fn main() -> std::process::ExitCode {
@@ -16,6 +17,7 @@ async fn run() -> anyhow::Result<()> {
     let _lock = try_lock_exclusive(&lock_path)
         .with_context(|| format!("locking {}", lock_path.display()))?
         .context("another qmgr is running")?;
+    drop_privileges(&config, Role::Qmgr)?;
     let mut signals = Signals::install()?;
     let (stop_tx, stop_rx) = daemon::shutdown_channel();
     let queue = tokio::spawn({

@@ -4,8 +4,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use common::daemon::{self, SignalEvent, Signals};
+use common::privileges::{drop_privileges, Role};
 use common::recipients::DirectoryCache;
 use mailsrv_mta::smtp::server::Server;
+use mailsrv_mta::smtp::session::Port;
 use tokio::net::TcpListener;
 
 fn main() -> std::process::ExitCode {
@@ -16,32 +18,44 @@ async fn run() -> anyhow::Result<()> {
     let (config_path, config) = daemon::start("smtpd")?;
     let mut signals = Signals::install()?;
     let directory = DirectoryCache::new(&config).context("loading users, aliases and domains")?;
+    let tls = common::tls::acceptor(&config.tls)?;
+    let smtpd = &config.smtpd;
+    let mut listeners = Vec::new();
+    for (addrs, port) in [
+        (&smtpd.listen, Port::Mx),
+        (&smtpd.submission_listen, Port::Submission),
+        (&smtpd.submissions_listen, Port::Submissions),
+    ] {
+        for addr in addrs {
+            let l = common::net::bind_listener(*addr)
+                .and_then(TcpListener::from_std)
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            listeners.push((l, port));
+        }
+    }
+    drop_privileges(&config, Role::Smtpd)?;
     common::spool::Spool::new(&config.paths.spool)
         .create_dirs()
         .with_context(|| format!("creating the spool in {}", config.paths.spool.display()))?;
-    let mut listeners = Vec::new();
-    for addr in &config.smtpd.listen {
-        let l = common::net::bind_listener(*addr)
-            .and_then(TcpListener::from_std)
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        listeners.push(l);
-    }
     let grace = Duration::from_secs(config.smtpd.shutdown_grace);
-    let listen = config.smtpd.listen.clone();
+    let listen = listen_addresses(&config);
     let (stop_tx, stop_rx) = daemon::shutdown_channel();
-    let server = Server::new(config, directory, stop_rx);
-    for l in listeners {
-        tokio::spawn(server.clone().serve(l));
+    let server = Server::new(config, tls, directory, stop_rx);
+    for (l, port) in listeners {
+        tokio::spawn(server.clone().serve(l, port));
     }
     tracing::info!("listening on {listen:?}");
     while signals.next().await == SignalEvent::Reload {
-        match daemon::load_config(&config_path) {
-            Ok(new) => {
-                if new.smtpd.listen != listen {
-                    tracing::warn!("smtpd.listen changed: restart to apply");
+        let loaded = daemon::load_config(&config_path)
+            .map_err(anyhow::Error::from)
+            .and_then(|c| Ok((common::tls::acceptor(&c.tls)?, c)));
+        match loaded {
+            Ok((tls, new)) => {
+                if listen_addresses(&new) != listen {
+                    tracing::warn!("smtpd listeners changed: restart to apply");
                 }
-                server.reload(new);
-                tracing::info!("configuration reloaded");
+                server.reload(new, tls);
+                tracing::info!("configuration and certificate reloaded");
             }
             Err(e) => tracing::error!("reload failed, keeping the old configuration: {e:#}"),
         }
@@ -53,4 +67,15 @@ async fn run() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
+}
+
+/// Every listener address, in config order.
+fn listen_addresses(config: &common::config::Config) -> Vec<std::net::SocketAddr> {
+    let s = &config.smtpd;
+    s.listen
+        .iter()
+        .chain(&s.submission_listen)
+        .chain(&s.submissions_listen)
+        .copied()
+        .collect()
 }

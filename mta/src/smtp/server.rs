@@ -1,43 +1,61 @@
-//! The SMTP I/O loop: listeners, connection limits, timeouts, and the
-//! reading and writing around [`Session`].
+//! The SMTP I/O loop: listeners, connection limits, timeouts, STARTTLS,
+//! password checks, and the reading and writing around [`Session`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use common::config::Config;
+use common::login::{check_password, LoginThrottle};
 use common::net::{accept_loop, read_line, ConnectionLimiter, ConnectionSlot, Line, Refusal};
 use common::recipients::DirectoryCache;
 use common::spool::{ClientInfo, Envelope, Spool};
-use smtp_proto::Request;
+use common::tls::TlsSummary;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 
 use super::data::{DataDecoder, DataStatus};
 use super::receive::{DirSyncer, MessageWriter};
 use super::reply::Reply;
-use super::session::{Action, DataOutcome, Session, SessionLimits};
+use super::session::{Action, DataOutcome, Port, Session, SessionLimits};
 
 /// Settings that a reload replaces; sessions started later use the new ones.
 pub struct Settings {
     pub config: Config,
     pub limits: SessionLimits,
+    /// The certificate and key to serve.
+    pub tls: TlsAcceptor,
 }
 
 impl Settings {
     /// Derive session settings from the config.
-    pub fn from_config(config: Config) -> Settings {
+    pub fn new(config: Config, tls: TlsAcceptor) -> Settings {
         let s = &config.smtpd;
         let limits = SessionLimits {
             hostname: config.hostname.clone(),
             max_message_size: s.max_message_size,
             max_recipients: s.max_recipients,
             max_errors: s.max_errors,
+            max_junk_commands: s.max_junk_commands,
             relay_networks: s.relay_networks.clone(),
+            allow_plaintext_auth: s.allow_plaintext_auth,
         };
-        Settings { config, limits }
+        Settings {
+            config,
+            limits,
+            tls,
+        }
     }
+}
+
+/// How one phase of a connection (before or after STARTTLS) ended.
+enum Ended {
+    Closed,
+    /// The client asked for TLS and was told to go ahead.
+    StartTls,
 }
 
 /// What every session shares.
@@ -47,31 +65,42 @@ pub struct Server {
     directory: DirectoryCache,
     syncer: DirSyncer,
     connections: ConnectionLimiter,
+    throttle: LoginThrottle,
     shutdown: watch::Receiver<bool>,
 }
 
 impl Server {
-    /// A server for `config`; `shutdown` turns true when the daemon stops.
+    /// A server for `config` serving the certificate of `tls`; `shutdown`
+    /// turns true when the daemon stops.
     pub fn new(
         config: Config,
+        tls: TlsAcceptor,
         directory: DirectoryCache,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Server> {
         let spool = Spool::new(&config.paths.spool);
+        let s = &config.smtpd;
+        let throttle = LoginThrottle::new(
+            s.max_auth_failures,
+            s.max_account_auth_failures,
+            Duration::from_secs(s.auth_failure_window),
+        );
         Arc::new(Server {
-            settings: RwLock::new(Arc::new(Settings::from_config(config))),
+            settings: RwLock::new(Arc::new(Settings::new(config, tls))),
             syncer: DirSyncer::spawn(spool.clone()),
             spool,
             directory,
             connections: ConnectionLimiter::default(),
+            throttle,
             shutdown,
         })
     }
 
-    /// Replace the settings (SIGHUP).
-    pub fn reload(&self, config: Config) {
+    /// Replace the settings and certificate (SIGHUP); open sessions keep
+    /// theirs.
+    pub fn reload(&self, config: Config, tls: TlsAcceptor) {
         let mut s = self.settings.write().unwrap_or_else(|p| p.into_inner());
-        *s = Arc::new(Settings::from_config(config));
+        *s = Arc::new(Settings::new(config, tls));
     }
 
     /// Sessions now open.
@@ -86,12 +115,13 @@ impl Server {
             .clone()
     }
 
-    /// Accept connections on `listener` until shutdown.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    /// Accept connections on `listener`, a `port` kind of listener, until
+    /// shutdown.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, port: Port) {
         let shutdown = self.shutdown.clone();
         accept_loop(listener, shutdown, |stream, peer| {
             let server = self.clone();
-            tokio::spawn(async move { server.connection(stream, peer).await });
+            tokio::spawn(async move { server.connection(stream, peer, port).await });
         })
         .await;
     }
@@ -108,104 +138,223 @@ impl Server {
             })
     }
 
-    async fn connection(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr) {
+    async fn connection(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr, port: Port) {
         let settings = self.settings();
         let ip = peer.ip();
         let _slot = match self.take_slot(ip, &settings) {
             Ok(slot) => slot,
             Err(reply) => {
                 tracing::info!("refused connection from [{ip}]: {}", reply.lines[0]);
-                let _ = stream.write_all(reply.to_wire().as_bytes()).await;
+                // Nothing goes out in clear on an implicit-TLS port.
+                if port != Port::Submissions {
+                    let _ = stream.write_all(reply.to_wire().as_bytes()).await;
+                }
                 return;
             }
         };
         let _ = stream.set_nodelay(true);
         tracing::debug!("connect from [{ip}]");
-        let limit = Duration::from_secs(settings.config.smtpd.session_timeout);
-        let (r, w) = stream.into_split();
-        let mut io = SessionIo {
-            reader: BufReader::with_capacity(64 * 1024, r),
-            writer: BufWriter::with_capacity(16 * 1024, w),
-            server: &self,
-            settings: &settings,
-            session: Session::new(settings.limits.clone(), ip),
-            bdat: None,
-        };
-        match tokio::time::timeout(limit, io.run()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!("[{ip}]: {e}"),
-            Err(_) => {
-                let reply = Reply::new(421, "4.4.2", "Session time limit exceeded");
-                let _ = io.send(&reply).await;
-                let _ = io.writer.flush().await;
-            }
+        let deadline = Instant::now() + Duration::from_secs(settings.config.smtpd.session_timeout);
+        let session = Session::new(settings.limits.clone(), port, ip, None);
+        if let Err(e) = self
+            .phases(stream, session, port, &settings, deadline)
+            .await
+        {
+            tracing::debug!("[{ip}]: {e}");
         }
         tracing::debug!("disconnect from [{ip}]");
     }
+
+    /// Run the session, in TLS from the start on 465, or in clear until
+    /// STARTTLS and then in TLS.
+    async fn phases(
+        &self,
+        stream: TcpStream,
+        mut session: Session,
+        port: Port,
+        settings: &Settings,
+        deadline: Instant,
+    ) -> std::io::Result<()> {
+        let ip = session.client_ip();
+        let stream = if port == Port::Submissions {
+            stream
+        } else {
+            let mut io = SessionIo::new(stream, self, settings, session, deadline);
+            match io.run(true).await? {
+                Ended::Closed => return Ok(()),
+                Ended::StartTls => {}
+            }
+            session = io.session;
+            io.io.into_inner().into_inner()
+        };
+        let Some(tls) = common::tls::handshake(&settings.tls, stream, "smtp").await else {
+            return Ok(());
+        };
+        let Some(summary) = TlsSummary::of(tls.get_ref().1) else {
+            return Ok(());
+        };
+        tracing::debug!("[{ip}]: {} {}", summary.version, summary.cipher);
+        let greet = port == Port::Submissions;
+        session.tls_started(summary);
+        let mut io = SessionIo::new(tls, self, settings, session, deadline);
+        io.run(greet).await.map(|_| ())
+    }
 }
 
-struct SessionIo<'a, R, W> {
-    reader: BufReader<R>,
-    writer: BufWriter<W>,
+/// One phase of a connection: the stream (read through a buffer, written
+/// through another), the session, and the deadline of the whole session.
+struct SessionIo<'a, S> {
+    io: BufReader<BufWriter<S>>,
     server: &'a Server,
     settings: &'a Settings,
     session: Session,
     /// The message of a BDAT transaction between chunks.
     bdat: Option<MessageWriter>,
+    deadline: Instant,
 }
 
-impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> SessionIo<'_, R, W> {
-    async fn send(&mut self, reply: &Reply) -> std::io::Result<()> {
-        self.writer.write_all(reply.to_wire().as_bytes()).await
+/// Why a read gave up waiting.
+enum Wait {
+    /// The per-read timeout passed.
+    Idle,
+    /// The session's whole time is up.
+    SessionOver,
+}
+
+impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
+    fn new(
+        stream: S,
+        server: &'a Server,
+        settings: &'a Settings,
+        session: Session,
+        deadline: Instant,
+    ) -> Self {
+        SessionIo {
+            io: BufReader::with_capacity(64 * 1024, BufWriter::with_capacity(16 * 1024, stream)),
+            server,
+            settings,
+            session,
+            bdat: None,
+            deadline,
+        }
     }
 
-    async fn run(&mut self) -> std::io::Result<()> {
-        let greeting = self.session.greeting();
-        self.send(&greeting).await?;
-        self.writer.flush().await?;
+    async fn send(&mut self, reply: &Reply) -> std::io::Result<()> {
+        self.io.write_all(reply.to_wire().as_bytes()).await
+    }
+
+    /// When a read that may take `timeout` must end.
+    fn read_deadline(&self, timeout: Duration) -> (Instant, Wait) {
+        read_deadline(timeout, self.deadline)
+    }
+
+    fn timeout_reply(wait: Wait, waiting_for: &str) -> Reply {
+        match wait {
+            Wait::Idle => Reply::new(421, "4.4.2", format!("Timeout waiting for {waiting_for}")),
+            Wait::SessionOver => Reply::new(421, "4.4.2", "Session time limit exceeded"),
+        }
+    }
+
+    async fn run(&mut self, greet: bool) -> std::io::Result<Ended> {
+        if greet {
+            let greeting = self.session.greeting();
+            self.send(&greeting).await?;
+            self.io.flush().await?;
+        }
         let command_timeout = Duration::from_secs(self.settings.config.smtpd.command_timeout);
         let mut shutdown = self.server.shutdown.clone();
         let mut line = Vec::with_capacity(512);
         loop {
             if *shutdown.borrow() {
-                return self
-                    .close(Reply::new(421, "4.3.2", "Service shutting down"))
-                    .await;
+                self.close(Reply::new(421, "4.3.2", "Service shutting down"))
+                    .await?;
+                return Ok(Ended::Closed);
             }
+            // The whole line must arrive in time, not each byte of it, so a
+            // client trickling bytes cannot hold the session.
+            let (until, wait) = self.read_deadline(command_timeout);
+            let max_line = self.settings.config.smtpd.max_line_length;
             let read = tokio::select! {
-                r = tokio::time::timeout(
-                    command_timeout,
-                    read_line(&mut self.reader, &mut line, self.settings.config.smtpd.max_line_length),
-                ) => r,
+                r = tokio::time::timeout_at(until, read_line(&mut self.io, &mut line, max_line)) => r,
                 // Idle sessions end at once on shutdown; busy ones finish
                 // their command first.
                 _ = shutdown.changed() => continue,
             };
             let action = match read {
                 Err(_) => {
-                    return self
-                        .close(Reply::new(421, "4.4.2", "Timeout waiting for command"))
-                        .await
+                    self.close(Self::timeout_reply(wait, "command")).await?;
+                    return Ok(Ended::Closed);
                 }
                 Ok(Err(e)) => return Err(e),
-                Ok(Ok(Line::Eof)) => return Ok(()),
+                Ok(Ok(Line::Eof)) => return Ok(Ended::Closed),
                 Ok(Ok(Line::TooLong)) => self.session.line_too_long(),
+                Ok(Ok(Line::Complete)) if self.session.in_sasl() => {
+                    self.session.sasl_response(&line)
+                }
                 Ok(Ok(Line::Complete)) => {
                     let (dir, stale) = self.server.directory.current();
                     if let Some(e) = stale {
                         tracing::error!("keeping previous tables: {e}");
                     }
-                    self.session.handle(Request::parse(&mut line.iter()), &dir)
+                    self.session.handle(&line, &dir)
                 }
+            };
+            let action = match action {
+                Action::Authenticate { user, password } => {
+                    let result = check_password(
+                        &self.server.directory,
+                        &self.server.throttle,
+                        "smtp",
+                        self.session.client_ip(),
+                        &user,
+                        password,
+                    )
+                    .await;
+                    if let Ok(address) = &result {
+                        tracing::info!(
+                            "[{}]: authenticated as {address}",
+                            self.session.client_ip()
+                        );
+                    }
+                    self.session.auth_result(result)
+                }
+                other => other,
             };
             match action {
                 Action::Reply(r) => self.send(&r).await?,
-                Action::Close(r) => return self.close(r).await,
+                Action::Authenticate { .. } => unreachable!("answered above"),
+                Action::Close(r) => {
+                    self.close(r).await?;
+                    return Ok(Ended::Closed);
+                }
+                Action::StartTls(r) => {
+                    if !self.io.buffer().is_empty() {
+                        // RFC 3207 4 / CVE-2011-0411: anything sent after
+                        // STARTTLS before the handshake could be injected
+                        // by an attacker in the path; it is never taken
+                        // as a command.
+                        tracing::info!(
+                            "[{}]: rejected input pipelined after STARTTLS",
+                            self.session.client_ip()
+                        );
+                        self.close(Reply::new(
+                            554,
+                            "5.5.1",
+                            "Commands pipelined after STARTTLS are not allowed",
+                        ))
+                        .await?;
+                        return Ok(Ended::Closed);
+                    }
+                    self.send(&r).await?;
+                    self.io.flush().await?;
+                    return Ok(Ended::StartTls);
+                }
                 Action::ReadData(r) => {
                     self.send(&r).await?;
-                    self.writer.flush().await?;
+                    self.io.flush().await?;
                     if let Some(close) = self.receive_data().await? {
-                        return self.close(close).await;
+                        self.close(close).await?;
+                        return Ok(Ended::Closed);
                     }
                 }
                 Action::ReadChunk {
@@ -215,14 +364,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> SessionIo<'_, R, W> {
                     reply,
                 } => {
                     if let Some(close) = self.receive_chunk(size, last, accept, reply).await? {
-                        return self.close(close).await;
+                        self.close(close).await?;
+                        return Ok(Ended::Closed);
                     }
                 }
             }
             self.forget_stale_chunks();
             // RFC 2920 3.1: flush when no more pipelined input is waiting.
-            if self.reader.buffer().is_empty() {
-                self.writer.flush().await?;
+            if self.io.buffer().is_empty() {
+                self.io.flush().await?;
             }
         }
     }
@@ -230,8 +380,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> SessionIo<'_, R, W> {
     async fn close(&mut self, reply: Reply) -> std::io::Result<()> {
         self.session.abort();
         self.send(&reply).await?;
-        self.writer.flush().await?;
-        self.writer.shutdown().await
+        self.io.flush().await?;
+        self.io.shutdown().await
     }
 
     fn envelope(&self, id: &str, size: u64) -> Envelope {
@@ -247,9 +397,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> SessionIo<'_, R, W> {
             client: ClientInfo {
                 address: self.session.client_ip().to_string(),
                 helo: self.session.helo_name().to_string(),
-                protocol: self.session.protocol().to_string(),
+                protocol: self.session.protocol(),
             },
-            auth_user: None,
+            auth_user: self.session.auth_user().map(|a| a.to_string()),
             params: tx.params,
         }
     }
@@ -270,8 +420,21 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> SessionIo<'_, R, W> {
             IpAddr::V4(v4) => format!("[{v4}]"),
             IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
         };
+        let tls = match self.session.tls() {
+            Some(t) => format!("\r\n\t(using {} with cipher {})", t.version, t.cipher),
+            None => String::new(),
+        };
+        // RFC 3848: `with ESMTPSA` already says the client authenticated;
+        // the name only when the admin asks (Postfix's
+        // smtpd_sasl_authenticated_header).
+        let auth = match self.session.auth_user() {
+            Some(user) if self.settings.config.smtpd.received_auth_user => {
+                format!("\r\n\t(Authenticated sender: {user})")
+            }
+            _ => String::new(),
+        };
         format!(
-            "Received: from {} ({literal})\r\n\tby {} (mailsrv) with {} id {id}{for_clause};\r\n\t{date}\r\n",
+            "Received: from {} ({literal}){tls}{auth}\r\n\tby {} (mailsrv) with {} id {id}{for_clause};\r\n\t{date}\r\n",
             self.session.helo_name(),
             self.settings.limits.hostname,
             self.session.protocol(),
@@ -304,9 +467,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> SessionIo<'_, R, W> {
         let outcome = writer.commit(envelope.clone(), &self.server.syncer).await;
         match &outcome {
             DataOutcome::Queued(_) => tracing::info!(
-                "{id}: client=[{}], helo={}, from=<{}>, size={size}, nrcpt={}",
+                "{id}: client=[{}], helo={}, {}from=<{}>, size={size}, nrcpt={}",
                 envelope.client.address,
                 envelope.client.helo,
+                envelope
+                    .auth_user
+                    .as_ref()
+                    .map(|u| format!("sasl_username={u}, "))
+                    .unwrap_or_default(),
                 envelope.sender,
                 envelope.recipients.len()
             ),
@@ -325,8 +493,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> SessionIo<'_, R, W> {
         let mut decoder = DataDecoder::default();
         let mut out = Vec::with_capacity(64 * 1024);
         loop {
-            let buf = match tokio::time::timeout(data_timeout, self.reader.fill_buf()).await {
-                Err(_) => return Ok(Some(Reply::new(421, "4.4.2", "Timeout waiting for data"))),
+            let (until, wait) = self.read_deadline(data_timeout);
+            let buf = match tokio::time::timeout_at(until, self.io.fill_buf()).await {
+                Err(_) => return Ok(Some(Self::timeout_reply(wait, "data"))),
                 Ok(r) => r?,
             };
             if buf.is_empty() {
@@ -334,7 +503,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> SessionIo<'_, R, W> {
             }
             out.clear();
             let (used, status) = decoder.decode(buf, &mut out);
-            self.reader.consume(used);
+            self.io.consume(used);
             if let Ok(w) = writer.as_mut() {
                 w.write(&out).await;
             }
@@ -378,11 +547,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> SessionIo<'_, R, W> {
         accept: bool,
         refusal: Option<Reply>,
     ) -> std::io::Result<Option<Reply>> {
-        let data_timeout = Duration::from_secs(self.settings.config.smtpd.data_timeout);
-        let timed_out = || Some(Reply::new(421, "4.4.2", "Timeout waiting for data"));
+        let timeout = Duration::from_secs(self.settings.config.smtpd.data_timeout);
+        let deadline = self.deadline;
+        let timed_out = |wait| Some(Self::timeout_reply(wait, "data"));
         if !accept {
-            if !copy_exact(&mut self.reader, size, data_timeout, None).await? {
-                return Ok(timed_out());
+            if let Err(wait) = copy_exact(&mut self.io, size, timeout, deadline, None).await? {
+                return Ok(timed_out(wait));
             }
             let reply = refusal.unwrap_or_else(|| Reply::new(554, "5.5.1", "Chunk refused"));
             if reply.code == 421 {
@@ -395,8 +565,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> SessionIo<'_, R, W> {
             match self.start_message().await {
                 Ok(w) => self.bdat = Some(w),
                 Err(outcome) => {
-                    if !copy_exact(&mut self.reader, size, data_timeout, None).await? {
-                        return Ok(timed_out());
+                    if let Err(wait) =
+                        copy_exact(&mut self.io, size, timeout, deadline, None).await?
+                    {
+                        return Ok(timed_out(wait));
                     }
                     let reply = self.session.finish(outcome);
                     self.send(&reply).await?;
@@ -404,8 +576,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> SessionIo<'_, R, W> {
                 }
             }
         }
-        if !copy_exact(&mut self.reader, size, data_timeout, self.bdat.as_mut()).await? {
-            return Ok(timed_out());
+        let sink = self.bdat.as_mut();
+        if let Err(wait) = copy_exact(&mut self.io, size, timeout, deadline, sink).await? {
+            return Ok(timed_out(wait));
         }
         let reply = match (last, self.bdat.take()) {
             (true, Some(writer)) => self.finish_message(writer).await,
@@ -426,17 +599,20 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> SessionIo<'_, R, W> {
     }
 }
 
-/// Move exactly `n` bytes from `reader` into `sink` (or nowhere); false if
-/// the client went quiet for longer than `timeout`.
+/// Move exactly `n` bytes from `reader` into `sink` (or nowhere); stops
+/// when the client goes quiet for longer than `timeout` or the session's
+/// `deadline` passes.
 async fn copy_exact<R: AsyncRead + Unpin>(
     reader: &mut BufReader<R>,
     mut n: u64,
     timeout: Duration,
+    deadline: Instant,
     mut sink: Option<&mut MessageWriter>,
-) -> std::io::Result<bool> {
+) -> std::io::Result<Result<(), Wait>> {
     while n > 0 {
-        let buf = match tokio::time::timeout(timeout, reader.fill_buf()).await {
-            Err(_) => return Ok(false),
+        let (until, wait) = read_deadline(timeout, deadline);
+        let buf = match tokio::time::timeout_at(until, reader.fill_buf()).await {
+            Err(_) => return Ok(Err(wait)),
             Ok(r) => r?,
         };
         if buf.is_empty() {
@@ -449,5 +625,16 @@ async fn copy_exact<R: AsyncRead + Unpin>(
         reader.consume(take);
         n -= take as u64;
     }
-    Ok(true)
+    Ok(Ok(()))
+}
+
+/// When a read that may wait `timeout` must end, given the session's
+/// `deadline`, and which of the two it is.
+fn read_deadline(timeout: Duration, deadline: Instant) -> (Instant, Wait) {
+    let idle = Instant::now() + timeout;
+    if idle < deadline {
+        (idle, Wait::Idle)
+    } else {
+        (deadline, Wait::SessionOver)
+    }
 }

@@ -4,10 +4,13 @@
 
 use std::net::IpAddr;
 
+use base64::Engine;
 use common::address::Address;
 use common::config::IpNet;
+use common::login::LoginError;
 use common::recipients::{Directory, ResolveError};
 use common::spool::{EsmtpParams, Recipient};
+use common::tls::TlsSummary;
 use smtp_proto::{Error as ParseError, Request};
 
 use super::reply::Reply;
@@ -19,7 +22,39 @@ pub struct SessionLimits {
     pub max_message_size: u64,
     pub max_recipients: usize,
     pub max_errors: u32,
+    pub max_junk_commands: u32,
     pub relay_networks: Vec<IpNet>,
+    /// AUTH before TLS.
+    pub allow_plaintext_auth: bool,
+}
+
+/// The kind of listener a session came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// Mail exchange (25): STARTTLS, no AUTH, mail for our domains or from
+    /// relay networks.
+    Mx,
+    /// Message submission (587, RFC 6409): STARTTLS, AUTH before MAIL.
+    Submission,
+    /// Submission over implicit TLS (465, RFC 8314).
+    Submissions,
+}
+
+impl Port {
+    fn takes_auth(self) -> bool {
+        self != Port::Mx
+    }
+}
+
+/// Where a SASL exchange (RFC 4954 4) stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Sasl {
+    /// PLAIN (RFC 4616) is waiting for its one response.
+    Plain,
+    /// LOGIN is waiting for the user name.
+    LoginUser,
+    /// LOGIN is waiting for the password of this user.
+    LoginPassword(String),
 }
 
 /// What the I/O loop does next.
@@ -27,6 +62,12 @@ pub struct SessionLimits {
 pub enum Action {
     /// Send the reply, read the next command.
     Reply(Reply),
+    /// Send the reply (220), then start TLS (RFC 3207) and report with
+    /// [`Session::tls_started`]. Input the client pipelined after the
+    /// command must not be read as commands.
+    StartTls(Reply),
+    /// Check this password, then report with [`Session::auth_result`].
+    Authenticate { user: String, password: String },
     /// Send the reply and close the connection.
     Close(Reply),
     /// Send the 354 reply, then read message data until `CRLF.CRLF`.
@@ -76,27 +117,69 @@ enum Greeted {
 #[derive(Debug)]
 pub struct Session {
     limits: SessionLimits,
+    port: Port,
     client_ip: IpAddr,
     may_relay: bool,
     greeted: Greeted,
     helo_name: String,
     errors: u32,
+    junk: u32,
     tx: Option<Transaction>,
+    tls: Option<TlsSummary>,
+    sasl: Option<Sasl>,
+    auth_user: Option<Address>,
 }
 
 impl Session {
-    /// A new session with a client at `client_ip`.
-    pub fn new(limits: SessionLimits, client_ip: IpAddr) -> Session {
+    /// A new session with a client at `client_ip` on a `port` listener;
+    /// `tls` is set when the connection started with TLS (465).
+    pub fn new(
+        limits: SessionLimits,
+        port: Port,
+        client_ip: IpAddr,
+        tls: Option<TlsSummary>,
+    ) -> Session {
         let may_relay = limits.relay_networks.iter().any(|n| n.contains(client_ip));
         Session {
             limits,
+            port,
             client_ip,
             may_relay,
             greeted: Greeted::No,
             helo_name: String::new(),
             errors: 0,
+            junk: 0,
             tx: None,
+            tls,
+            sasl: None,
+            auth_user: None,
         }
+    }
+
+    /// TLS is up after STARTTLS: everything learnt from the client before
+    /// is forgotten and EHLO is needed again (RFC 3207 4.2).
+    pub fn tls_started(&mut self, tls: TlsSummary) {
+        self.tls = Some(tls);
+        self.greeted = Greeted::No;
+        self.helo_name.clear();
+        self.tx = None;
+        self.sasl = None;
+        self.auth_user = None;
+    }
+
+    /// The TLS parameters, once TLS is up.
+    pub fn tls(&self) -> Option<&TlsSummary> {
+        self.tls.as_ref()
+    }
+
+    /// The authenticated user, if any.
+    pub fn auth_user(&self) -> Option<&Address> {
+        self.auth_user.as_ref()
+    }
+
+    /// Whether the next line is a SASL response rather than a command.
+    pub fn in_sasl(&self) -> bool {
+        self.sasl.is_some()
     }
 
     /// The 220 greeting (no enhanced code: RFC 2034 section 3).
@@ -123,32 +206,99 @@ impl Session {
         self.tx.as_ref()
     }
 
-    /// The `with` protocol keyword for `Received:` (RFC 3848, RFC 6531 3.7.3).
-    pub fn protocol(&self) -> &'static str {
+    /// The `with` protocol keyword for `Received:` (RFC 3848, RFC 6531
+    /// 3.7.3): S for TLS, A for an authenticated client.
+    pub fn protocol(&self) -> String {
         let utf8 = self.tx.as_ref().is_some_and(|t| t.params.smtputf8);
-        match (self.greeted, utf8) {
+        let base = match (self.greeted, utf8) {
             (_, true) => "UTF8SMTP",
             (Greeted::Ehlo, false) => "ESMTP",
-            _ => "SMTP",
+            _ => return "SMTP".into(),
+        };
+        let tls = if self.tls.is_some() { "S" } else { "" };
+        let auth = if self.auth_user.is_some() { "A" } else { "" };
+        format!("{base}{tls}{auth}")
+    }
+
+    /// Handle one command line (CRLF included).
+    pub fn handle(&mut self, line: &[u8], dir: &Directory) -> Action {
+        let parsed = Request::parse(&mut line.iter());
+        let junk = matches!(
+            parsed,
+            Ok(Request::Noop { .. } | Request::Rset | Request::Vrfy { .. } | Request::Help { .. })
+                | Err(ParseError::UnknownCommand)
+        );
+        let action = match parsed {
+            Ok(req) => self.command(req, dir),
+            Err(ParseError::SyntaxError { syntax }) if syntax.starts_with("AUTH ") => {
+                auth_syntax_reply(line)
+            }
+            Err(e) => Action::Reply(parse_error_reply(e)),
+        };
+        if junk {
+            self.junk += 1;
+            if self.junk > self.limits.max_junk_commands {
+                return Action::Close(Reply::new(
+                    421,
+                    "4.7.0",
+                    format!("{} Too many junk commands", self.limits.hostname),
+                ));
+            }
+        }
+        self.count_errors(action)
+    }
+
+    /// Handle a line sent in answer to a 334 challenge (RFC 4954 4).
+    pub fn sasl_response(&mut self, line: &[u8]) -> Action {
+        let action = self.sasl_step(line);
+        self.count_errors(action)
+    }
+
+    fn sasl_step(&mut self, line: &[u8]) -> Action {
+        let Some(state) = self.sasl.take() else {
+            return reply(503, "5.5.1", "No authentication in progress");
+        };
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line == b"*" {
+            return reply(501, "5.0.0", "Authentication cancelled");
+        }
+        let Some(decoded) = decode_base64(line) else {
+            return reply(501, "5.5.2", "Cannot decode response");
+        };
+        match state {
+            Sasl::Plain => self.plain(&decoded),
+            Sasl::LoginUser => self.login_user(decoded),
+            Sasl::LoginPassword(user) => login_password(user, decoded),
         }
     }
 
-    /// Handle one command line, parsed or not.
-    pub fn handle(
-        &mut self,
-        parsed: Result<Request<String>, ParseError>,
-        dir: &Directory,
-    ) -> Action {
-        let action = match parsed {
-            Ok(req) => self.command(req, dir),
-            Err(e) => Action::Reply(parse_error_reply(e)),
+    /// The password check ended (throttled, failed or good).
+    pub fn auth_result(&mut self, result: Result<Address, LoginError>) -> Action {
+        let action = match result {
+            Ok(user) => {
+                self.auth_user = Some(user);
+                reply(235, "2.7.0", "Authentication successful")
+            }
+            Err(LoginError::Throttled) => reply(
+                454,
+                "4.7.0",
+                "Temporary authentication failure: too many failures, try again later",
+            ),
+            Err(LoginError::Failed) => reply(535, "5.7.8", "Authentication credentials invalid"),
         };
         self.count_errors(action)
     }
 
     /// A command line longer than the limit.
     pub fn line_too_long(&mut self) -> Action {
-        self.count_errors(Action::Reply(Reply::new(500, "5.5.2", "Line too long")))
+        let reply = if self.sasl.take().is_some() {
+            // RFC 4954 4
+            Reply::new(500, "5.5.6", "Authentication exchange line is too long")
+        } else {
+            Reply::new(500, "5.5.2", "Line too long")
+        };
+        self.count_errors(Action::Reply(reply))
     }
 
     /// Counts error replies; past `max_errors` the answer becomes 421 and
@@ -191,7 +341,7 @@ impl Session {
             Request::Ehlo { host } => self.hello(host, Greeted::Ehlo),
             Request::Helo { host } => self.hello(host, Greeted::Helo),
             Request::Lhlo { .. } => reply(500, "5.5.1", "LHLO is for LMTP"),
-            Request::Mail { from } => self.mail(from),
+            Request::Mail { from } => self.mail(from, dir),
             Request::Rcpt { to } => self.rcpt(to, dir),
             Request::Data => self.data(),
             Request::Bdat {
@@ -216,8 +366,11 @@ impl Session {
                 "2.0.0",
                 "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP; see RFC 5321",
             ),
-            Request::StartTls => reply(502, "5.5.1", "STARTTLS not available"),
-            Request::Auth { .. } => reply(502, "5.5.1", "AUTH not available"),
+            Request::StartTls => self.starttls(),
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, initial_response),
             Request::Etrn { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
                 reply(502, "5.5.1", "Command not implemented")
             }
@@ -232,7 +385,7 @@ impl Session {
         if kind == Greeted::Helo {
             return reply(250, "", self.limits.hostname.clone());
         }
-        let lines = vec![
+        let mut lines = vec![
             self.limits.hostname.clone(),
             "PIPELINING".into(),
             format!("SIZE {}", self.limits.max_message_size),
@@ -242,6 +395,12 @@ impl Session {
             "CHUNKING".into(),
             "HELP".into(),
         ];
+        if self.tls.is_none() {
+            lines.push("STARTTLS".into());
+        }
+        if self.auth_offered() {
+            lines.push("AUTH PLAIN LOGIN".into());
+        }
         Action::Reply(Reply {
             code: 250,
             enhanced: "",
@@ -249,20 +408,126 @@ impl Session {
         })
     }
 
-    fn mail(&mut self, from: smtp_proto::MailFrom<String>) -> Action {
+    /// AUTH is advertised and taken: on a submission port, over TLS
+    /// unless plaintext is allowed.
+    fn auth_offered(&self) -> bool {
+        self.port.takes_auth() && (self.tls.is_some() || self.limits.allow_plaintext_auth)
+    }
+
+    fn starttls(&mut self) -> Action {
+        if self.tls.is_some() {
+            return reply(503, "5.5.1", "TLS already active");
+        }
+        if self.tx.is_some() {
+            return reply(503, "5.5.1", "Mail transaction in progress");
+        }
+        Action::StartTls(Reply::new(220, "2.0.0", "Ready to start TLS"))
+    }
+
+    fn auth(&mut self, mechanism: u64, initial: String) -> Action {
+        if !self.port.takes_auth() {
+            return reply(503, "5.5.1", "Authentication not enabled");
+        }
+        if self.greeted != Greeted::Ehlo {
+            return reply(503, "5.5.1", "Send EHLO first");
+        }
+        if self.auth_user.is_some() {
+            // RFC 4954 4: one successful AUTH per session.
+            return reply(503, "5.5.1", "Already authenticated");
+        }
+        if self.tx.is_some() {
+            return reply(503, "5.5.1", "Mail transaction in progress");
+        }
+        if !self.auth_offered() {
+            return reply(
+                538,
+                "5.7.11",
+                "Encryption required for requested authentication mechanism",
+            );
+        }
+        let state = match mechanism {
+            smtp_proto::AUTH_PLAIN => Sasl::Plain,
+            smtp_proto::AUTH_LOGIN => Sasl::LoginUser,
+            _ => return reply(504, "5.5.4", "Unrecognized authentication type"),
+        };
+        if initial.is_empty() {
+            self.sasl = Some(state.clone());
+            // PLAIN's challenge is empty; LOGIN asks for "Username:".
+            let challenge = if state == Sasl::Plain {
+                ""
+            } else {
+                "VXNlcm5hbWU6"
+            };
+            return Action::Reply(Reply::new(334, "", challenge));
+        }
+        // RFC 4954 4: "=" is an initial response of zero length.
+        let initial = if initial == "=" { "" } else { initial.as_str() };
+        self.sasl = Some(state);
+        self.sasl_step(initial.as_bytes())
+    }
+
+    fn plain(&mut self, decoded: &[u8]) -> Action {
+        // RFC 4616 2: authzid NUL authcid NUL passwd.
+        let mut parts = decoded.split(|b| *b == 0);
+        let (Some(authz), Some(authc), Some(password), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return reply(501, "5.5.2", "Malformed PLAIN response");
+        };
+        let (Ok(authz), Ok(user), Ok(password)) = (
+            std::str::from_utf8(authz),
+            std::str::from_utf8(authc),
+            std::str::from_utf8(password),
+        ) else {
+            return reply(501, "5.5.2", "Malformed PLAIN response");
+        };
+        // Acting for another user is not offered.
+        if !authz.is_empty() && !authz.eq_ignore_ascii_case(user) {
+            return reply(535, "5.7.8", "Authentication credentials invalid");
+        }
+        Action::Authenticate {
+            user: user.to_string(),
+            password: password.to_string(),
+        }
+    }
+
+    fn login_user(&mut self, decoded: Vec<u8>) -> Action {
+        match String::from_utf8(decoded) {
+            Ok(user) => {
+                self.sasl = Some(Sasl::LoginPassword(user));
+                Action::Reply(Reply::new(334, "", "UGFzc3dvcmQ6"))
+            }
+            Err(_) => reply(501, "5.5.2", "Malformed user name"),
+        }
+    }
+
+    fn mail(&mut self, from: smtp_proto::MailFrom<String>, dir: &Directory) -> Action {
         // No HELO/EHLO needed first: Postfix's default
         // (smtpd_helo_required = no), and Python's smtplib.mail() relies on it.
         if self.tx.is_some() {
             return reply(503, "5.5.1", "Nested MAIL command");
         }
+        if self.port.takes_auth() && self.auth_user.is_none() {
+            // RFC 6409 4.3 / RFC 4954 6
+            return reply(530, "5.7.0", "Authentication required");
+        }
         let smtputf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0;
         if !from.address.is_empty() {
-            if Address::parse(&from.address).is_err() {
+            let Ok(sender) = Address::parse(&from.address) else {
                 return reply(501, "5.1.7", "Bad sender address syntax");
-            }
+            };
             if !from.address.is_ascii() && !smtputf8 {
                 // RFC 6531 3.5
                 return reply(553, "5.6.7", "Non-ASCII sender address needs SMTPUTF8");
+            }
+            if let Some(user) = &self.auth_user {
+                if !dir.may_send_as(user, &sender) {
+                    return reply(
+                        553,
+                        "5.7.1",
+                        format!("<{sender}>: Sender address rejected: not owned by the authenticated user"),
+                    );
+                }
             }
         }
         if from.size as u64 > self.limits.max_message_size {
@@ -298,7 +563,7 @@ impl Session {
 
     fn rcpt(&mut self, to: smtp_proto::RcptTo<String>, dir: &Directory) -> Action {
         let hostname = self.limits.hostname.clone();
-        let may_relay = self.may_relay;
+        let may_relay = self.may_relay || self.auth_user.is_some();
         let max = self.limits.max_recipients;
         let Some(tx) = self.tx.as_mut() else {
             return reply(503, "5.5.1", "Need MAIL before RCPT");
@@ -426,6 +691,32 @@ fn reply(code: u16, enhanced: &'static str, text: impl Into<String>) -> Action {
     Action::Reply(Reply::new(code, enhanced, text))
 }
 
+fn login_password(user: String, decoded: Vec<u8>) -> Action {
+    match String::from_utf8(decoded) {
+        Ok(password) => Action::Authenticate { user, password },
+        Err(_) => reply(501, "5.5.2", "Malformed password"),
+    }
+}
+
+fn decode_base64(text: &[u8]) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD.decode(text).ok()
+}
+
+/// smtp-proto refuses a mechanism it does not know as a syntax error;
+/// RFC 4954 4 wants 504 for that, and 501 for a missing mechanism.
+fn auth_syntax_reply(line: &[u8]) -> Action {
+    let has_mechanism = line
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|w| !w.is_empty())
+        .nth(1)
+        .is_some();
+    if has_mechanism {
+        reply(504, "5.5.4", "Unrecognized authentication type")
+    } else {
+        reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+    }
+}
+
 fn parse_error_reply(e: ParseError) -> Reply {
     match e {
         ParseError::UnknownCommand | ParseError::NeedsMoreData { .. } => {
@@ -478,23 +769,192 @@ mod tests {
                 max_message_size: 1000,
                 max_recipients: 2,
                 max_errors: 5,
+                max_junk_commands: 3,
                 relay_networks: relay.iter().map(|n| n.parse().unwrap()).collect(),
+                allow_plaintext_auth: false,
             },
+            Port::Mx,
             "192.0.2.1".parse().unwrap(),
+            None,
         )
+    }
+
+    fn tls() -> TlsSummary {
+        TlsSummary {
+            version: "TLSv1.3".into(),
+            cipher: "TLS_AES_128_GCM_SHA256".into(),
+        }
+    }
+
+    /// A session on the submission port, TLS up.
+    fn submission() -> Session {
+        let mut s = session(&[]);
+        s.port = Port::Submission;
+        s.tls_started(tls());
+        s
     }
 
     fn run(s: &mut Session, d: &Directory, line: &str) -> Action {
         let line = format!("{line}\r\n");
-        s.handle(Request::parse(&mut line.as_bytes().iter()), d)
+        s.handle(line.as_bytes(), d)
     }
 
     fn code(a: &Action) -> (u16, &'static str) {
         match a {
-            Action::Reply(r) | Action::Close(r) | Action::ReadData(r) => (r.code, r.enhanced),
+            Action::Reply(r) | Action::Close(r) | Action::ReadData(r) | Action::StartTls(r) => {
+                (r.code, r.enhanced)
+            }
             Action::ReadChunk { reply: Some(r), .. } => (r.code, r.enhanced),
-            Action::ReadChunk { reply: None, .. } => (0, ""),
+            Action::ReadChunk { reply: None, .. } | Action::Authenticate { .. } => (0, ""),
         }
+    }
+
+    fn b64(s: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    fn authenticated(d: &Directory) -> Session {
+        let mut s = submission();
+        run(&mut s, d, "EHLO c.test");
+        let line = format!("AUTH PLAIN {}", b64("\0alice@a.test\0pw"));
+        assert!(matches!(run(&mut s, d, &line), Action::Authenticate { .. }));
+        let ok = s.auth_result(Ok(Address::parse("alice@a.test").unwrap()));
+        assert_eq!(code(&ok), (235, "2.7.0"));
+        s
+    }
+
+    #[test]
+    fn starttls_forgets_the_session_and_changes_ehlo() {
+        let (_t, d) = directory();
+        let mut s = session(&[]);
+        let Action::Reply(ehlo) = run(&mut s, &d, "EHLO c.test") else {
+            panic!()
+        };
+        assert!(ehlo.lines.contains(&"STARTTLS".to_string()));
+        // No AUTH on the MX port, not even after TLS.
+        assert!(!ehlo.lines.iter().any(|l| l.starts_with("AUTH")));
+        assert_eq!(code(&run(&mut s, &d, "STARTTLS")), (220, "2.0.0"));
+        s.tls_started(tls());
+        assert_eq!(s.helo_name(), "");
+        let Action::Reply(ehlo) = run(&mut s, &d, "EHLO c.test") else {
+            panic!()
+        };
+        assert!(!ehlo.lines.contains(&"STARTTLS".to_string()));
+        assert_eq!(code(&run(&mut s, &d, "STARTTLS")), (503, "5.5.1"));
+        assert_eq!(s.protocol(), "ESMTPS");
+        assert_eq!(code(&run(&mut s, &d, "AUTH PLAIN")), (503, "5.5.1"));
+    }
+
+    #[test]
+    fn submission_needs_tls_for_auth_and_auth_for_mail() {
+        let (_t, d) = directory();
+        let mut s = session(&[]);
+        s.port = Port::Submission;
+        let Action::Reply(ehlo) = run(&mut s, &d, "EHLO c.test") else {
+            panic!()
+        };
+        assert!(!ehlo.lines.iter().any(|l| l.starts_with("AUTH")));
+        assert_eq!(
+            code(&run(&mut s, &d, "AUTH PLAIN AGFsaWNlAHB3")),
+            (538, "5.7.11")
+        );
+        assert_eq!(
+            code(&run(&mut s, &d, "MAIL FROM:<alice@a.test>")),
+            (530, "5.7.0")
+        );
+        let mut s = submission();
+        let Action::Reply(ehlo) = run(&mut s, &d, "EHLO c.test") else {
+            panic!()
+        };
+        assert!(ehlo.lines.contains(&"AUTH PLAIN LOGIN".to_string()));
+        assert_eq!(
+            code(&run(&mut s, &d, "MAIL FROM:<alice@a.test>")),
+            (530, "5.7.0")
+        );
+        assert_eq!(code(&run(&mut s, &d, "AUTH CRAM-MD5")), (504, "5.5.4"));
+        assert_eq!(code(&run(&mut s, &d, "AUTH")), (501, "5.5.4"));
+    }
+
+    #[test]
+    fn sasl_plain_and_login_exchanges() {
+        let (_t, d) = directory();
+        let mut s = submission();
+        s.limits.max_errors = 100;
+        run(&mut s, &d, "EHLO c.test");
+        assert_eq!(code(&run(&mut s, &d, "AUTH PLAIN")), (334, ""));
+        assert!(s.in_sasl());
+        match s.sasl_response(format!("{}\r\n", b64("\0alice@a.test\0secret")).as_bytes()) {
+            Action::Authenticate { user, password } => {
+                assert_eq!(
+                    (user.as_str(), password.as_str()),
+                    ("alice@a.test", "secret")
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            code(&s.auth_result(Err(LoginError::Failed))),
+            (535, "5.7.8")
+        );
+        assert_eq!(
+            code(&s.auth_result(Err(LoginError::Throttled))),
+            (454, "4.7.0")
+        );
+        // Someone else's authorization identity is refused.
+        let other = format!("AUTH PLAIN {}", b64("bob@a.test\0alice@a.test\0pw"));
+        assert_eq!(code(&run(&mut s, &d, &other)), (535, "5.7.8"));
+        // LOGIN, with the user name as initial response.
+        let a = run(&mut s, &d, &format!("AUTH LOGIN {}", b64("alice@a.test")));
+        let Action::Reply(r) = a else { panic!() };
+        assert_eq!(r.to_wire(), "334 UGFzc3dvcmQ6\r\n");
+        match s.sasl_response(format!("{}\r\n", b64("pw")).as_bytes()) {
+            Action::Authenticate { user, password } => {
+                assert_eq!((user.as_str(), password.as_str()), ("alice@a.test", "pw"))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Cancelled, and undecodable.
+        run(&mut s, &d, "AUTH LOGIN");
+        assert_eq!(code(&s.sasl_response(b"*\r\n")), (501, "5.0.0"));
+        run(&mut s, &d, "AUTH PLAIN");
+        assert_eq!(code(&s.sasl_response(b"%%%\r\n")), (501, "5.5.2"));
+        assert!(!s.in_sasl());
+    }
+
+    #[test]
+    fn authenticated_sender_must_be_the_users_own() {
+        let (_t, d) = directory();
+        let mut s = authenticated(&d);
+        assert_eq!(s.protocol(), "ESMTPSA");
+        assert_eq!(
+            code(&run(&mut s, &d, "AUTH PLAIN AGFsaWNlAHB3")),
+            (503, "5.5.1")
+        );
+        assert_eq!(
+            code(&run(&mut s, &d, "MAIL FROM:<bob@elsewhere.test>")),
+            (553, "5.7.1")
+        );
+        assert_eq!(
+            code(&run(&mut s, &d, "MAIL FROM:<alice+x@a.test>")),
+            (250, "2.1.0")
+        );
+        // Authenticated users may relay.
+        assert_eq!(
+            code(&run(&mut s, &d, "RCPT TO:<x@far.test>")),
+            (250, "2.1.5")
+        );
+        run(&mut s, &d, "RSET");
+        assert_eq!(code(&run(&mut s, &d, "MAIL FROM:<>")), (250, "2.1.0"));
+    }
+
+    #[test]
+    fn junk_commands_are_capped() {
+        let (_t, d) = directory();
+        let mut s = session(&[]);
+        for _ in 0..3 {
+            assert_eq!(code(&run(&mut s, &d, "NOOP")), (250, "2.0.0"));
+        }
+        assert_eq!(code(&run(&mut s, &d, "RSET")), (421, "4.7.0"));
     }
 
     #[test]
@@ -599,8 +1059,8 @@ mod tests {
         let (_t, d) = directory();
         let mut s = session(&[]);
         for _ in 0..4 {
-            assert!(matches!(run(&mut s, &d, "BOGUS"), Action::Reply(_)));
+            assert_eq!(code(&run(&mut s, &d, "DATA")), (503, "5.5.1"));
         }
-        assert_eq!(code(&run(&mut s, &d, "BOGUS")), (421, "4.7.0"));
+        assert_eq!(code(&run(&mut s, &d, "DATA")), (421, "4.7.0"));
     }
 }
