@@ -81,16 +81,6 @@ pub struct PrivilegesConfig {
     pub secret_group: String,
 }
 
-impl Default for PrivilegesConfig {
-    fn default() -> Self {
-        Self {
-            spool_user: default_spool_user(),
-            store_user: default_store_user(),
-            secret_group: default_secret_group(),
-        }
-    }
-}
-
 fn default_spool_user() -> String {
     "mailsrv".into()
 }
@@ -814,6 +804,38 @@ key = "tls/key.pem"
         let e = parse(&text).unwrap_err().to_string();
         assert!(
             e.starts_with("/etc/m.toml:14: smtpd.max_line_length:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn privileges_need_two_users() {
+        let text = format!("{GOOD}\n[privileges]\nspool_user = \"vmail\"\n");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("privileges.store_user: must differ"), "{e}");
+        let p = parse(&format!("{GOOD}\n[privileges]\n"))
+            .unwrap()
+            .privileges
+            .unwrap();
+        assert_eq!(
+            (
+                p.spool_user.as_str(),
+                p.store_user.as_str(),
+                p.secret_group.as_str()
+            ),
+            ("mailsrv", "vmail", "mailkeys")
+        );
+        assert!(parse(GOOD).unwrap().privileges.is_none());
+    }
+
+    #[test]
+    fn submission_alone_is_enough() {
+        let text = GOOD.replace("listen = [", "submissions_listen = [");
+        assert!(parse(&text).is_ok());
+        let text = GOOD.replace("listen = [\"127.0.0.1:2525\"]", "");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("smtpd.listen: needs at least one address"),
             "{e}"
         );
     }

@@ -43,18 +43,36 @@ fn return_large_allocations() {
     }
 }
 
-/// The whole `main` of a daemon: run `body` on a tokio runtime with
-/// `threads` worker threads (0: one per core) and turn its error into a
-/// message on stderr and exit status 1.
-pub fn main<F, E>(program: &str, threads: usize, body: F) -> std::process::ExitCode
+/// The whole `main` of a daemon: run `setup` first, on this one thread
+/// (load the config, bind ports, read keys, drop privileges: the
+/// per-thread `no_new_privs` must be set before any other thread exists),
+/// then `body` with its result on a tokio runtime with `threads` worker
+/// threads (0: one per core). An error from either becomes a message on
+/// stderr and exit status 1.
+pub fn main<S, F, Fut, E>(
+    program: &str,
+    threads: usize,
+    setup: impl FnOnce() -> Result<S, E>,
+    body: F,
+) -> std::process::ExitCode
 where
-    F: std::future::Future<Output = Result<(), E>>,
+    F: FnOnce(S) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
     return_large_allocations();
     // Spool files, Maildirs and their state files are for the daemons'
     // own user and group only.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o007));
+    let fail = |e: E| {
+        // The alternate form of anyhow's errors shows the context chain.
+        eprintln!("{program}: {e:#}");
+        std::process::ExitCode::FAILURE
+    };
+    let state = match setup() {
+        Ok(state) => state,
+        Err(e) => return fail(e),
+    };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if threads > 0 {
         builder.worker_threads(threads);
@@ -66,13 +84,9 @@ where
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(body) {
+    match runtime.block_on(body(state)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            // The alternate form of anyhow's errors shows the context chain.
-            eprintln!("{program}: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
+        Err(e) => fail(e),
     }
 }
 

@@ -30,14 +30,20 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             );
         }
     }
-    // The same load the daemons do at start: unreadable files and a key
-    // that does not match the certificate are errors here too.
+    startable(&config)?;
+    println!("{}: ok", config_path.display());
+    Ok(())
+}
+
+/// What every daemon needs at start beyond a valid config: a certificate
+/// and key that load and belong together (the same load the daemons do),
+/// and the system users and group of `[privileges]`.
+pub fn startable(config: &Config) -> anyhow::Result<()> {
     common::tls::server_config(&config.tls.cert, &config.tls.key)?;
     if let Some(p) = &config.privileges {
         for role in [Role::Smtpd, Role::Qmgr, Role::Maildird] {
             identity(p, role)?;
         }
     }
-    println!("{}: ok", config_path.display());
     Ok(())
 }

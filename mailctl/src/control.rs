@@ -48,6 +48,8 @@ pub fn start(config_path: &Path, config: &Config, foreground: bool) -> anyhow::R
     if is_running(config)? {
         bail!("mailsrv is already running");
     }
+    // A bad key would only show as daemons restarting over and over.
+    crate::check::startable(config)?;
     let master = master_binary(config)?;
     let config_path = std::path::absolute(config_path).context("resolving the config path")?;
     let mut cmd = Command::new(&master);
@@ -111,8 +113,10 @@ pub fn start(config_path: &Path, config: &Config, foreground: bool) -> anyhow::R
 /// Every listening address of the configuration, by service.
 fn listeners(config: &Config) -> Vec<(&'static str, SocketAddr)> {
     let m = &config.maildird;
-    let services: [(&'static str, &[SocketAddr]); 5] = [
+    let services: [(&'static str, &[SocketAddr]); 7] = [
         ("smtp", &config.smtpd.listen),
+        ("submission", &config.smtpd.submission_listen),
+        ("submissions", &config.smtpd.submissions_listen),
         ("imap", &m.imap_listen),
         ("imaps", &m.imaps_listen),
         ("pop3", &m.pop3_listen),
@@ -138,7 +142,7 @@ fn connectable(mut addr: SocketAddr) -> SocketAddr {
 
 fn print_ports(config: &Config) {
     for (name, a) in listeners(config) {
-        println!("  {name:<9} {a}");
+        println!("  {name:<11} {a}");
     }
 }
 

@@ -79,27 +79,30 @@ pub fn run(args: &InitArgs) -> anyhow::Result<()> {
         system::apply_ownership(&config, &config_path)?;
     }
     println!("created {}", config_path.display());
-    println!("  smtp      127.0.0.1:{smtp_port}");
+    println!("  smtp        127.0.0.1:{smtp_port}");
     println!(
-        "  submission 127.0.0.1:{} (STARTTLS, AUTH)",
+        "  submission  127.0.0.1:{} (STARTTLS, AUTH)",
         args.port_base + 587
     );
     println!(
         "  submissions 127.0.0.1:{} (TLS, AUTH)",
         args.port_base + 465
     );
-    println!("  imap      127.0.0.1:{} (STARTTLS)", args.port_base + 143);
-    println!("  imaps     127.0.0.1:{}", args.port_base + 993);
-    println!("  pop3      127.0.0.1:{} (STLS)", args.port_base + 110);
-    println!("  pop3s     127.0.0.1:{}", args.port_base + 995);
-    println!("  domain    {domain}");
+    println!(
+        "  imap        127.0.0.1:{} (STARTTLS)",
+        args.port_base + 143
+    );
+    println!("  imaps       127.0.0.1:{}", args.port_base + 993);
+    println!("  pop3        127.0.0.1:{} (STLS)", args.port_base + 110);
+    println!("  pop3s       127.0.0.1:{}", args.port_base + 995);
+    println!("  domain      {domain}");
     if let Some(p) = &config.privileges {
         println!(
-            "  users     smtpd as {}, qmgr and maildird as {}, secrets group {}",
+            "  users       smtpd as {}, qmgr and maildird as {}, secrets group {}",
             p.spool_user, p.store_user, p.secret_group
         );
     }
-    println!("  mail      {}", dir.join("mail").display());
+    println!("  mail        {}", dir.join("mail").display());
     println!(
         "next: mailctl -c {} user add you@{domain}",
         config_path.display()

@@ -1,5 +1,6 @@
 //! maildird: the IMAP and POP3 server over the Maildirs. See maildird(8).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -14,36 +15,74 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 fn main() -> std::process::ExitCode {
-    daemon::main("maildird", 0, run())
+    daemon::main("maildird", 0, setup, run)
 }
 
 fn tls_acceptor(config: &Config) -> anyhow::Result<TlsAcceptor> {
     Ok(common::tls::acceptor(&config.tls)?)
 }
 
-fn bind(addrs: &[std::net::SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
+fn bind(addrs: &[std::net::SocketAddr]) -> anyhow::Result<Vec<std::net::TcpListener>> {
     addrs
         .iter()
         .map(|addr| {
-            common::net::bind_listener(*addr)
-                .and_then(TcpListener::from_std)
-                .with_context(|| format!("cannot listen on {addr}"))
+            common::net::bind_listener(*addr).with_context(|| format!("cannot listen on {addr}"))
         })
         .collect()
 }
 
-async fn run() -> anyhow::Result<()> {
+fn into_tokio(listeners: Vec<std::net::TcpListener>) -> std::io::Result<Vec<TcpListener>> {
+    listeners.into_iter().map(TcpListener::from_std).collect()
+}
+
+/// What is done as root, if started as root: read the config, the tables
+/// and the key, bind the listeners; then drop privileges.
+struct Prepared {
+    config_path: PathBuf,
+    config: Config,
+    directory: DirectoryCache,
+    tls: TlsAcceptor,
+    /// IMAP, IMAPS, POP3, POP3S.
+    listeners: [Vec<std::net::TcpListener>; 4],
+}
+
+fn setup() -> anyhow::Result<Prepared> {
     let (config_path, config) = daemon::start("maildird")?;
-    let mut signals = Signals::install()?;
-    let directory = std::sync::Arc::new(
-        DirectoryCache::new(&config).context("loading users, aliases and domains")?,
-    );
+    let directory = DirectoryCache::new(&config).context("loading users, aliases and domains")?;
     let tls = tls_acceptor(&config)?;
-    let imap = bind(&config.maildird.imap_listen)?;
-    let imaps = bind(&config.maildird.imaps_listen)?;
-    let pop3 = bind(&config.maildird.pop3_listen)?;
-    let pop3s = bind(&config.maildird.pop3s_listen)?;
+    let m = &config.maildird;
+    let listeners = [
+        bind(&m.imap_listen)?,
+        bind(&m.imaps_listen)?,
+        bind(&m.pop3_listen)?,
+        bind(&m.pop3s_listen)?,
+    ];
     drop_privileges(&config, Role::Maildird)?;
+    Ok(Prepared {
+        config_path,
+        config,
+        directory,
+        tls,
+        listeners,
+    })
+}
+
+async fn run(prepared: Prepared) -> anyhow::Result<()> {
+    let Prepared {
+        config_path,
+        config,
+        directory,
+        tls,
+        listeners: [imap, imaps, pop3, pop3s],
+    } = prepared;
+    let directory = std::sync::Arc::new(directory);
+    let mut signals = Signals::install()?;
+    let (imap, imaps, pop3, pop3s) = (
+        into_tokio(imap)?,
+        into_tokio(imaps)?,
+        into_tokio(pop3)?,
+        into_tokio(pop3s)?,
+    );
     let listen: Vec<_> = config
         .maildird
         .imap_listen

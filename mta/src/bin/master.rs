@@ -6,11 +6,12 @@ use common::safeio::{try_lock_exclusive, write_atomic};
 use mailsrv_mta::supervisor;
 
 fn main() -> std::process::ExitCode {
-    daemon::main("master", 1, run())
+    daemon::main("master", 1, || Ok(daemon::start("master")?), run)
 }
 
-async fn run() -> anyhow::Result<()> {
-    let (config_path, config) = daemon::start("master")?;
+async fn run(
+    (config_path, config): (std::path::PathBuf, common::config::Config),
+) -> anyhow::Result<()> {
     let config_path = std::path::absolute(&config_path).context("resolving the config path")?;
     let run_dir = &config.paths.run_dir;
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;

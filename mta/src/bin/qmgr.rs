@@ -1,23 +1,29 @@
 //! qmgr: the queue manager and local delivery agent. See qmgr(8).
 
 use anyhow::Context;
+use common::config::Config;
 use common::daemon::{self, SignalEvent, Signals};
 use common::privileges::{drop_privileges, Role};
-use common::safeio::try_lock_exclusive;
+use common::safeio::{try_lock_exclusive, LockGuard};
 
 fn main() -> std::process::ExitCode {
-    daemon::main("qmgr", 0, run())
+    daemon::main("qmgr", 0, setup, run)
 }
 
-async fn run() -> anyhow::Result<()> {
+/// Take the lock in the (root's) run directory, then drop privileges.
+fn setup() -> anyhow::Result<(Config, LockGuard)> {
     let (_path, config) = daemon::start("qmgr")?;
     std::fs::create_dir_all(&config.paths.run_dir)
         .with_context(|| format!("creating {}", config.paths.run_dir.display()))?;
     let lock_path = config.paths.run_dir.join("qmgr.lock");
-    let _lock = try_lock_exclusive(&lock_path)
+    let lock = try_lock_exclusive(&lock_path)
         .with_context(|| format!("locking {}", lock_path.display()))?
         .context("another qmgr is running")?;
     drop_privileges(&config, Role::Qmgr)?;
+    Ok((config, lock))
+}
+
+async fn run((config, _lock): (Config, LockGuard)) -> anyhow::Result<()> {
     let mut signals = Signals::install()?;
     let (stop_tx, stop_rx) = daemon::shutdown_channel();
     let queue = tokio::spawn({

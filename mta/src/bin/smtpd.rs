@@ -1,22 +1,34 @@
 //! smtpd: the SMTP receiver. See smtpd(8).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use common::config::Config;
 use common::daemon::{self, SignalEvent, Signals};
 use common::privileges::{drop_privileges, Role};
 use common::recipients::DirectoryCache;
 use mailsrv_mta::smtp::server::Server;
 use mailsrv_mta::smtp::session::Port;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 fn main() -> std::process::ExitCode {
-    daemon::main("smtpd", 0, run())
+    daemon::main("smtpd", 0, setup, run)
 }
 
-async fn run() -> anyhow::Result<()> {
+/// What is done as root, if started as root: read the config, the tables
+/// and the key, bind the listeners; then drop privileges.
+struct Prepared {
+    config_path: PathBuf,
+    config: Config,
+    directory: DirectoryCache,
+    tls: TlsAcceptor,
+    listeners: Vec<(std::net::TcpListener, Port)>,
+}
+
+fn setup() -> anyhow::Result<Prepared> {
     let (config_path, config) = daemon::start("smtpd")?;
-    let mut signals = Signals::install()?;
     let directory = DirectoryCache::new(&config).context("loading users, aliases and domains")?;
     let tls = common::tls::acceptor(&config.tls)?;
     let smtpd = &config.smtpd;
@@ -28,12 +40,33 @@ async fn run() -> anyhow::Result<()> {
     ] {
         for addr in addrs {
             let l = common::net::bind_listener(*addr)
-                .and_then(TcpListener::from_std)
                 .with_context(|| format!("cannot listen on {addr}"))?;
             listeners.push((l, port));
         }
     }
     drop_privileges(&config, Role::Smtpd)?;
+    Ok(Prepared {
+        config_path,
+        config,
+        directory,
+        tls,
+        listeners,
+    })
+}
+
+async fn run(prepared: Prepared) -> anyhow::Result<()> {
+    let Prepared {
+        config_path,
+        config,
+        directory,
+        tls,
+        listeners,
+    } = prepared;
+    let mut signals = Signals::install()?;
+    let listeners = listeners
+        .into_iter()
+        .map(|(l, port)| Ok((TcpListener::from_std(l)?, port)))
+        .collect::<std::io::Result<Vec<_>>>()?;
     common::spool::Spool::new(&config.paths.spool)
         .create_dirs()
         .with_context(|| format!("creating the spool in {}", config.paths.spool.display()))?;
