@@ -9,6 +9,8 @@ import json
 import os
 import pwd
 import smtplib
+import socket
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -245,3 +247,47 @@ def test_no_new_privs_in_every_thread(make_mailsrv):
         if without:
             problems[daemon] = f"{len(without)} of {len(per_thread)} threads: {without}"
     assert not problems, f"threads with NoNewPrivs not 1: {problems}"
+
+
+def served_certificate(port: int) -> bytes:
+    """The certificate an implicit-TLS port (SMTPS, IMAPS) presents."""
+    with socket.create_connection((LOCALHOST, port), timeout=10) as raw:
+        with insecure_tls_context().wrap_socket(raw) as tls:
+            return tls.getpeercert(binary_form=True)
+
+
+def test_renewed_root_only_key_reaches_the_unprivileged_daemons(make_mailsrv):
+    """An ACME client writes the renewed key readable by root alone; the
+    daemons, no longer root, get it from master at `mailctl reload`."""
+    srv = make_mailsrv(privileged=True, wait_for_imap=True)
+    tls = srv.config()["tls"]
+    cert_path, key_path = srv.root / tls["cert"], srv.root / tls["key"]
+    before = served_certificate(srv.submissions_port)
+    assert served_certificate(srv.imaps_port) == before
+
+    tag = uuid.uuid4().hex[:8]
+    new_cert, new_key = cert_path.with_name(f"new-{tag}.pem"), key_path.with_name(f"k-{tag}.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-subj", "/CN=localhost", "-days", "2", "-keyout", str(new_key),
+         "-out", str(new_cert)],
+        stdin=subprocess.DEVNULL, capture_output=True, check=True, timeout=60)
+    for path in (new_cert, new_key):
+        os.chown(path, 0, 0)
+        path.chmod(0o600)
+    os.replace(new_key, key_path)
+    os.replace(new_cert, cert_path)
+    smtpd = credentials(int((srv.run_dir / "smtpd.pid").read_text()))
+    denied(run_as(smtpd, {"read the key": lambda: read_head(key_path)}),
+           "read the key", "smtpd's user")
+
+    srv.ctl("reload")
+    after = {}
+
+    def renewed() -> bool:
+        after["smtps"] = served_certificate(srv.submissions_port)
+        after["imaps"] = served_certificate(srv.imaps_port)
+        return after["smtps"] != before and after["imaps"] != before
+    wait_until(renewed, 10, "the renewed certificate on SMTPS and IMAPS", interval=0.2)
+    assert after["smtps"] == after["imaps"]
+    assert "reload failed" not in srv.log_tail(), srv.log_tail()

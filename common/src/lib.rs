@@ -21,5 +21,6 @@ pub mod spool;
 pub mod textdb;
 pub mod throttle;
 pub mod tls;
+pub mod tls_handoff;
 pub mod uidlist;
 pub mod userdb;

@@ -33,42 +33,99 @@ pub enum TlsError {
     },
 }
 
-/// A rustls server configuration for `cert` (a PEM chain) and `key`, with
-/// safe default protocol versions (TLS 1.2 and 1.3).
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+/// The bytes of a certificate chain and its key, as read from their PEM
+/// files (by a daemon at start, or by `master` for a reload, see
+/// [`crate::tls_handoff`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Pem {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for Pem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        write!(f, "Pem({} + {} bytes)", self.cert.len(), self.key.len())
+    }
+}
+
+/// Largest certificate chain or key file accepted (a chain is a few KiB).
+pub const MAX_PEM_FILE: usize = 256 * 1024;
+
+/// Read the certificate and key files named in `config`.
+pub fn read_pem(config: &TlsConfig) -> Result<Pem, TlsError> {
+    let read = |path: &Path| -> Result<Vec<u8>, String> {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_PEM_FILE as u64 + 1).read_to_end(&mut bytes))
+            .map_err(|e| e.to_string())?;
+        if bytes.len() > MAX_PEM_FILE {
+            return Err(format!("larger than {MAX_PEM_FILE} bytes"));
+        }
+        Ok(bytes)
+    };
+    let cert = read(&config.cert).map_err(|reason| TlsError::Certificate {
+        path: config.cert.clone(),
+        reason,
+    })?;
+    let key = read(&config.key).map_err(|reason| TlsError::Key {
+        path: config.key.clone(),
+        reason,
+    })?;
+    Ok(Pem { cert, key })
+}
+
+/// A rustls server configuration for the certificate chain and key in
+/// `pem` (read from the files of `config`, which errors name), with safe
+/// default protocol versions (TLS 1.2 and 1.3).
+pub fn server_config_from_pem(
+    config: &TlsConfig,
+    pem: &Pem,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let (cert, key) = (&config.cert, &config.key);
     let cert_err = |reason: String| TlsError::Certificate {
-        path: cert.to_path_buf(),
+        path: cert.clone(),
         reason,
     };
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| cert_err(e.to_string()))?
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem.cert)
         .collect::<Result<_, _>>()
         .map_err(|e| cert_err(e.to_string()))?;
     if chain.is_empty() {
         return Err(cert_err("no CERTIFICATE section".into()));
     }
-    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
-        path: key.to_path_buf(),
+    let private = PrivateKeyDer::from_pem_slice(&pem.key).map_err(|e| TlsError::Key {
+        path: key.clone(),
         reason: e.to_string(),
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mismatch = |reason: String| TlsError::Mismatch {
-        cert: cert.to_path_buf(),
-        key: key.to_path_buf(),
+        cert: cert.clone(),
+        key: key.clone(),
         reason,
     };
-    let config = ServerConfig::builder_with_provider(provider)
+    let server = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| mismatch(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(chain, private)
         .map_err(|e| mismatch(e.to_string()))?;
-    Ok(Arc::new(config))
+    Ok(Arc::new(server))
+}
+
+/// The rustls server configuration for the files named in `config`.
+pub fn server_config(config: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_from_pem(config, &read_pem(config)?)
 }
 
 /// The acceptor for the certificate and key in `config`.
 pub fn acceptor(config: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
-    server_config(&config.cert, &config.key).map(TlsAcceptor::from)
+    server_config(config).map(TlsAcceptor::from)
+}
+
+/// The acceptor for `pem`, the contents of the files named in `config`.
+pub fn acceptor_from_pem(config: &TlsConfig, pem: &Pem) -> Result<TlsAcceptor, TlsError> {
+    server_config_from_pem(config, pem).map(TlsAcceptor::from)
 }
 
 /// The TLS handshake on an accepted connection, bounded in time; None
@@ -125,12 +182,15 @@ mod tests {
     #[test]
     fn errors_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let cert = dir.path().join("cert.pem");
-        let key = dir.path().join("key.pem");
-        let e = server_config(&cert, &key).unwrap_err().to_string();
+        let config = TlsConfig {
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+        };
+        let e = server_config(&config).unwrap_err().to_string();
         assert!(e.contains("cert.pem: cannot read certificate"), "{e}");
-        std::fs::write(&cert, "not pem").unwrap();
-        let e = server_config(&cert, &key).unwrap_err().to_string();
+        std::fs::write(&config.cert, "not pem").unwrap();
+        std::fs::write(&config.key, "not pem").unwrap();
+        let e = server_config(&config).unwrap_err().to_string();
         assert!(e.contains("no CERTIFICATE"), "{e}");
     }
 }

@@ -39,7 +39,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
 /// and key that load and belong together (the same load the daemons do),
 /// and the system users and group of `[privileges]`.
 pub fn startable(config: &Config) -> anyhow::Result<()> {
-    common::tls::server_config(&config.tls.cert, &config.tls.key)?;
+    common::tls::server_config(&config.tls)?;
     if let Some(p) = &config.privileges {
         for role in [Role::Smtpd, Role::Qmgr, Role::Maildird] {
             identity(p, role)?;

@@ -4,8 +4,9 @@
 //!
 //! | path | owner:group | mode |
 //! |---|---|---|
-//! | config, users, aliases, domains, TLS key and certificate | root:secret_group | 0640 |
-//! | `tls/` | root:secret_group | 0750 |
+//! | config, users, aliases, domains | root:secret_group | 0640 |
+//! | TLS key | root:root | 0600 (read as root at start; master hands it over on reload) |
+//! | TLS certificate | root:root | 0644 |
 //! | spool and its state directories | spool_user:spool group | 2770 |
 //! | mail root | store_user:store group | 0770 |
 //! | everything under the mail root | store_user:store group | as made |
@@ -73,19 +74,12 @@ pub fn apply_ownership(config: &Config, config_path: &Path) -> anyhow::Result<()
     let (spool_uid, spool_gid) = user(&p.spool_user)?;
     let root = Uid::from_raw(0);
     let paths = &config.paths;
-    for file in [
-        config_path,
-        &paths.users,
-        &paths.aliases,
-        &paths.domains,
-        &config.tls.cert,
-        &config.tls.key,
-    ] {
+    for file in [config_path, &paths.users, &paths.aliases, &paths.domains] {
         set(file, root, secret, 0o640)?;
     }
-    if let Some(dir) = config.tls.key.parent() {
-        set(dir, root, secret, 0o750)?;
-    }
+    let root_group = Gid::from_raw(0);
+    set(&config.tls.cert, root, root_group, 0o644)?;
+    set(&config.tls.key, root, root_group, 0o600)?;
     let spool = common::spool::Spool::new(&paths.spool);
     spool.create_dirs().context("creating the spool")?;
     set_tree(&paths.spool, spool_uid, spool_gid, Some(0o2770))?;

@@ -4,8 +4,12 @@
 use std::path::Path;
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+
 use anyhow::Context;
 use common::config::Config;
+use common::tls_handoff::{self, Sender};
+use nix::fcntl::{FcntlArg, FdFlag};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -14,6 +18,10 @@ use common::daemon::{SignalEvent, Signals};
 
 /// The daemons the supervisor runs.
 pub const DAEMONS: [&str; 3] = ["smtpd", "qmgr", "maildird"];
+
+/// The daemons that serve TLS and get renewed certificates from master
+/// (`common::tls_handoff`).
+const TLS_DAEMONS: [&str; 2] = ["smtpd", "maildird"];
 
 /// Longest wait before restarting a daemon that keeps dying.
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
@@ -24,26 +32,70 @@ const STABLE_RUN: Duration = Duration::from_secs(60);
 struct Daemon {
     name: &'static str,
     child: Option<Child>,
+    /// Where its renewed certificates go, for a TLS daemon.
+    tls: Option<Sender>,
     started: tokio::time::Instant,
     delay: Duration,
 }
 
-fn spawn(bin_dir: &Path, name: &str, config_path: &Path, config: &Config) -> anyhow::Result<Child> {
+impl Daemon {
+    fn new(name: &'static str) -> Daemon {
+        Daemon {
+            name,
+            child: None,
+            tls: None,
+            started: tokio::time::Instant::now(),
+            delay: Duration::from_secs(1),
+        }
+    }
+
+    /// Start (or restart) the daemon.
+    fn spawn(&mut self, bin_dir: &Path, config_path: &Path, config: &Config) -> anyhow::Result<()> {
+        let (child, tls) = spawn(bin_dir, self.name, config_path, config)?;
+        self.child = Some(child);
+        self.tls = tls;
+        self.started = tokio::time::Instant::now();
+        Ok(())
+    }
+}
+
+fn spawn(
+    bin_dir: &Path,
+    name: &str,
+    config_path: &Path,
+    config: &Config,
+) -> anyhow::Result<(Child, Option<Sender>)> {
     let program = bin_dir.join(name);
     let mut cmd = Command::new(&program);
     cmd.arg("-c")
         .arg(config_path)
         .stdin(std::process::Stdio::null());
-    // SAFETY: prctl is async-signal-safe; it makes the kernel stop the
-    // daemon if the supervisor dies without stopping it.
+    let handoff = if TLS_DAEMONS.contains(&name) {
+        let (sender, read) = tls_handoff::channel().context("making the certificate pipe")?;
+        cmd.env(tls_handoff::FD_ENV, read.as_raw_fd().to_string());
+        Some((sender, read))
+    } else {
+        None
+    };
+    let inherited = handoff.as_ref().map(|(_, read)| read.as_raw_fd());
+    // SAFETY: prctl and fcntl are async-signal-safe. The parent-death
+    // signal makes the kernel stop the daemon if the supervisor dies
+    // without stopping it; the pipe's read end is kept across exec.
     unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)?;
+            if let Some(fd) = inherited {
+                nix::fcntl::fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))
+                    .map_err(std::io::Error::from)?;
+            }
+            Ok(())
         });
     }
     let child = cmd
         .spawn()
         .with_context(|| format!("starting {}", program.display()))?;
+    // The read end now lives in the child; master keeps only the writer.
+    let sender = handoff.map(|(sender, _read)| sender);
     if let Some(pid) = child.id() {
         let _ = common::safeio::write_atomic(
             &config.paths.pid_file(name),
@@ -51,7 +103,7 @@ fn spawn(bin_dir: &Path, name: &str, config_path: &Path, config: &Config) -> any
         );
         tracing::info!("started {name} (pid {pid})");
     }
-    Ok(child)
+    Ok((child, sender))
 }
 
 /// Run the daemons until SIGTERM/SIGINT. `config_path` is handed to them.
@@ -63,12 +115,9 @@ pub async fn run(config_path: &Path, config: &Config) -> anyhow::Result<()> {
     let mut signals = Signals::install()?;
     let mut daemons: Vec<Daemon> = Vec::new();
     for name in DAEMONS {
-        daemons.push(Daemon {
-            name,
-            child: Some(spawn(&bin_dir, name, config_path, config)?),
-            started: tokio::time::Instant::now(),
-            delay: Duration::from_secs(1),
-        });
+        let mut daemon = Daemon::new(name);
+        daemon.spawn(&bin_dir, config_path, config)?;
+        daemons.push(daemon);
     }
     loop {
         let exited = wait_any(&mut daemons);
@@ -77,6 +126,7 @@ pub async fn run(config_path: &Path, config: &Config) -> anyhow::Result<()> {
                 SignalEvent::Stop => break,
                 SignalEvent::Reload => {
                     tracing::info!("reload: signalling daemons");
+                    hand_over_certificate(&mut daemons, config_path, config);
                     signal_all(&daemons, Signal::SIGHUP);
                 }
             },
@@ -94,19 +144,36 @@ pub async fn run(config_path: &Path, config: &Config) -> anyhow::Result<()> {
                     _ = tokio::time::sleep(delay) => {}
                     sig = signals.next() => if sig == SignalEvent::Stop { break },
                 }
-                let d = &mut daemons[index];
-                match spawn(&bin_dir, d.name, config_path, config) {
-                    Ok(child) => {
-                        d.child = Some(child);
-                        d.started = tokio::time::Instant::now();
-                    }
-                    Err(e) => tracing::error!("{e:#}"),
+                if let Err(e) = daemons[index].spawn(&bin_dir, config_path, config) {
+                    tracing::error!("{e:#}");
                 }
             }
         }
     }
     stop_all(&mut daemons, config).await;
     Ok(())
+}
+
+/// Read the certificate and key named in the config (as it is now, as
+/// root if master runs as root) and write them to each TLS daemon, which
+/// takes them at its SIGHUP: it may no longer be able to read them itself.
+fn hand_over_certificate(daemons: &mut [Daemon], config_path: &Path, config: &Config) {
+    let loaded = match Config::load(config_path) {
+        Ok(now) => common::tls::read_pem(&now.tls),
+        Err(_) => common::tls::read_pem(&config.tls),
+    }
+    .map_err(|e| e.to_string());
+    if let Err(e) = &loaded {
+        tracing::error!("reload: {e}");
+    }
+    let frame = tls_handoff::encode(&loaded);
+    for d in daemons.iter_mut().filter(|d| d.child.is_some()) {
+        if let Some(sender) = d.tls.as_mut() {
+            if let Err(e) = sender.send(&frame) {
+                tracing::error!("reload: certificate for {}: {e}", d.name);
+            }
+        }
+    }
 }
 
 /// Wait for any running daemon to exit; yields its index and status.

@@ -8,6 +8,7 @@ use common::config::Config;
 use common::daemon::{self, SignalEvent, Signals};
 use common::privileges::{drop_privileges, Role};
 use common::recipients::DirectoryCache;
+use common::tls_handoff::{reload_acceptor, Receiver};
 use mailsrv_maildird::imap::server::ImapServer;
 use mailsrv_maildird::imap::watch::FolderWatcher;
 use mailsrv_maildird::pop3::server::Pop3Server;
@@ -16,10 +17,6 @@ use tokio_rustls::TlsAcceptor;
 
 fn main() -> std::process::ExitCode {
     daemon::main("maildird", 0, setup, run)
-}
-
-fn tls_acceptor(config: &Config) -> anyhow::Result<TlsAcceptor> {
-    Ok(common::tls::acceptor(&config.tls)?)
 }
 
 fn bind(addrs: &[std::net::SocketAddr]) -> anyhow::Result<Vec<std::net::TcpListener>> {
@@ -49,7 +46,7 @@ struct Prepared {
 fn setup() -> anyhow::Result<Prepared> {
     let (config_path, config) = daemon::start("maildird")?;
     let directory = DirectoryCache::new(&config).context("loading users, aliases and domains")?;
-    let tls = tls_acceptor(&config)?;
+    let tls = common::tls::acceptor(&config.tls)?;
     let m = &config.maildird;
     let listeners = [
         bind(&m.imap_listen)?,
@@ -77,6 +74,7 @@ async fn run(prepared: Prepared) -> anyhow::Result<()> {
     } = prepared;
     let directory = std::sync::Arc::new(directory);
     let mut signals = Signals::install()?;
+    let mut handoff = Receiver::from_env().context("the certificate pipe from master")?;
     let (imap, imaps, pop3, pop3s) = (
         into_tokio(imap)?,
         into_tokio(imaps)?,
@@ -114,9 +112,13 @@ async fn run(prepared: Prepared) -> anyhow::Result<()> {
     }
     tracing::info!("listening on {listen:?}");
     while signals.next().await == SignalEvent::Reload {
-        let reloaded = daemon::load_config(&config_path)
-            .map_err(anyhow::Error::from)
-            .and_then(|c| tls_acceptor(&c).map(|t| (c, t)));
+        let reloaded = match daemon::load_config(&config_path) {
+            Ok(c) => reload_acceptor(handoff.as_mut(), &c.tls)
+                .await
+                .map(|tls| (c, tls))
+                .map_err(anyhow::Error::msg),
+            Err(e) => Err(e.into()),
+        };
         match reloaded {
             Ok((config, tls)) => {
                 imap_server

@@ -8,6 +8,7 @@ use common::config::Config;
 use common::daemon::{self, SignalEvent, Signals};
 use common::privileges::{drop_privileges, Role};
 use common::recipients::DirectoryCache;
+use common::tls_handoff::{reload_acceptor, Receiver};
 use mailsrv_mta::smtp::server::Server;
 use mailsrv_mta::smtp::session::Port;
 use tokio::net::TcpListener;
@@ -63,6 +64,7 @@ async fn run(prepared: Prepared) -> anyhow::Result<()> {
         listeners,
     } = prepared;
     let mut signals = Signals::install()?;
+    let mut handoff = Receiver::from_env().context("the certificate pipe from master")?;
     let listeners = listeners
         .into_iter()
         .map(|(l, port)| Ok((TcpListener::from_std(l)?, port)))
@@ -79,9 +81,13 @@ async fn run(prepared: Prepared) -> anyhow::Result<()> {
     }
     tracing::info!("listening on {listen:?}");
     while signals.next().await == SignalEvent::Reload {
-        let loaded = daemon::load_config(&config_path)
-            .map_err(anyhow::Error::from)
-            .and_then(|c| Ok((common::tls::acceptor(&c.tls)?, c)));
+        let loaded = match daemon::load_config(&config_path) {
+            Ok(c) => reload_acceptor(handoff.as_mut(), &c.tls)
+                .await
+                .map(|tls| (tls, c))
+                .map_err(anyhow::Error::msg),
+            Err(e) => Err(e.into()),
+        };
         match loaded {
             Ok((tls, new)) => {
                 if listen_addresses(&new) != listen {
