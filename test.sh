@@ -10,6 +10,8 @@ command -v swaks >/dev/null || missing+=(swaks)
 command -v fetchmail >/dev/null || missing+=(fetchmail)
 command -v mbsync >/dev/null || missing+=(isync)
 command -v offlineimap >/dev/null || missing+=(offlineimap3)
+command -v openssl >/dev/null || missing+=(openssl)
+command -v useradd >/dev/null || missing+=(passwd)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=; [ "$(id -u)" -eq 0 ] || sudo=sudo
   $sudo apt-get update -qq
@@ -22,3 +24,10 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --workspace --quiet
 cargo test --workspace --quiet
 MAILSRV_BIN_DIR=$PWD/target/debug python3 -m pytest -q tests
+if [ "$(id -u)" -eq 0 ]; then
+  # As root (CI): the clients again, against installations whose daemons
+  # drop to their system users, as a production one does.
+  MAILSRV_BIN_DIR=$PWD/target/debug MAILSRV_TEST_PRIVILEGED=1 python3 -m pytest -q \
+    tests/test_delivery.py tests/test_aliases.py tests/test_queue.py tests/test_submission.py \
+    tests/test_imap.py tests/test_pop3.py tests/test_mbsync.py
+fi

@@ -63,6 +63,11 @@ STOP_TIMEOUT = 15
 LOG_TAIL_LINES = 80
 
 
+# MAILSRV_TEST_PRIVILEGED=1: every installation is made without
+# --single-user, so (as root) the daemons run as their system users.
+PRIVILEGED_BY_DEFAULT = os.environ.get("MAILSRV_TEST_PRIVILEGED") == "1"
+
+
 def free_port_base() -> int:
     """A port base P whose P+25, P+587, ... are all bindable on 127.0.0.1."""
     for _ in range(200):
@@ -637,7 +642,9 @@ def make_mailsrv(tmp_path: Path, request: pytest.FixtureRequest):
 
     def make(config: dict[str, Any] | None = None, start: bool = True,
              spool_tmpfs: str | None = None, users: Iterable[str] = (),
-             wait_for_imap: bool = False, privileged: bool = False) -> Mailsrv:
+             wait_for_imap: bool = False, privileged: bool | None = None) -> Mailsrv:
+        if privileged is None:
+            privileged = PRIVILEGED_BY_DEFAULT
         if privileged:
             # The daemons' users must get through every directory above
             # the installation; pytest's own temp dirs are private.
