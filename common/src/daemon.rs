@@ -5,7 +5,15 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 
+use std::net::SocketAddr;
+
+use tokio_rustls::TlsAcceptor;
+
 use crate::config::{Config, ConfigError};
+use crate::privileges::{drop_privileges, PrivilegeError, Role};
+use crate::recipients::DirectoryCache;
+use crate::textdb::TableError;
+use crate::tls::TlsError;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
@@ -97,6 +105,64 @@ pub fn start(program: &'static str) -> Result<(PathBuf, Config), ConfigError> {
     let config = load_config(&path)?;
     crate::logging::init(program, &config.log.level);
     Ok((path, config))
+}
+
+/// Why a network daemon could not get ready.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("loading users, aliases and domains: {0}")]
+    Tables(#[from] TableError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Privileges(#[from] PrivilegeError),
+}
+
+/// What a network daemon has once it is ready to serve: done as root if
+/// started as root, then privileges dropped.
+pub struct Prepared<K> {
+    pub config_path: PathBuf,
+    pub config: Config,
+    pub directory: DirectoryCache,
+    pub tls: TlsAcceptor,
+    /// Each bound listener with the kind of service it is for.
+    pub listeners: Vec<(std::net::TcpListener, K)>,
+}
+
+/// The start of a network daemon, run as `daemon::main`'s setup: read the
+/// config, the tables and the TLS key, bind the listeners `endpoints`
+/// names, then drop to `role`'s user (design.md: all before reading a
+/// byte from the network).
+pub fn prepare<K>(
+    program: &'static str,
+    role: Role,
+    endpoints: impl FnOnce(&Config) -> Vec<(SocketAddr, K)>,
+) -> Result<Prepared<K>, PrepareError> {
+    let (config_path, config) = start(program)?;
+    let directory = DirectoryCache::new(&config)?;
+    let tls = crate::tls::acceptor(&config.tls)?;
+    let listeners = endpoints(&config)
+        .into_iter()
+        .map(|(addr, kind)| match crate::net::bind_listener(addr) {
+            Ok(listener) => Ok((listener, kind)),
+            Err(source) => Err(PrepareError::Listen { addr, source }),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    drop_privileges(&config, role)?;
+    Ok(Prepared {
+        config_path,
+        config,
+        directory,
+        tls,
+        listeners,
+    })
 }
 
 /// Signals a daemon reacts to.

@@ -1,95 +1,71 @@
 //! maildird: the IMAP and POP3 server over the Maildirs. See maildird(8).
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
 use common::config::Config;
-use common::daemon::{self, SignalEvent, Signals};
-use common::privileges::{drop_privileges, Role};
-use common::recipients::DirectoryCache;
+use common::daemon::{self, Prepared, SignalEvent, Signals};
+use common::privileges::Role;
 use common::tls_handoff::{reload_acceptor, Receiver};
 use mailsrv_maildird::imap::server::ImapServer;
 use mailsrv_maildird::imap::watch::FolderWatcher;
 use mailsrv_maildird::pop3::server::Pop3Server;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 fn main() -> std::process::ExitCode {
-    daemon::main("maildird", 0, setup, run)
+    daemon::main(
+        "maildird",
+        0,
+        || Ok(daemon::prepare("maildird", Role::Maildird, endpoints)?),
+        run,
+    )
 }
 
-fn bind(addrs: &[std::net::SocketAddr]) -> anyhow::Result<Vec<std::net::TcpListener>> {
-    addrs
-        .iter()
-        .map(|addr| {
-            common::net::bind_listener(*addr).with_context(|| format!("cannot listen on {addr}"))
-        })
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Service {
+    Imap { implicit_tls: bool },
+    Pop3 { implicit_tls: bool },
+}
+
+/// Every listener with its service, in config order.
+fn endpoints(config: &Config) -> Vec<(SocketAddr, Service)> {
+    let m = &config.maildird;
+    let kinds = [
+        (
+            &m.imap_listen,
+            Service::Imap {
+                implicit_tls: false,
+            },
+        ),
+        (&m.imaps_listen, Service::Imap { implicit_tls: true }),
+        (
+            &m.pop3_listen,
+            Service::Pop3 {
+                implicit_tls: false,
+            },
+        ),
+        (&m.pop3s_listen, Service::Pop3 { implicit_tls: true }),
+    ];
+    kinds
+        .into_iter()
+        .flat_map(|(addrs, service)| addrs.iter().map(move |a| (*a, service)))
         .collect()
 }
 
-fn into_tokio(listeners: Vec<std::net::TcpListener>) -> std::io::Result<Vec<TcpListener>> {
-    listeners.into_iter().map(TcpListener::from_std).collect()
-}
-
-/// What is done as root, if started as root: read the config, the tables
-/// and the key, bind the listeners; then drop privileges.
-struct Prepared {
-    config_path: PathBuf,
-    config: Config,
-    directory: DirectoryCache,
-    tls: TlsAcceptor,
-    /// IMAP, IMAPS, POP3, POP3S.
-    listeners: [Vec<std::net::TcpListener>; 4],
-}
-
-fn setup() -> anyhow::Result<Prepared> {
-    let (config_path, config) = daemon::start("maildird")?;
-    let directory = DirectoryCache::new(&config).context("loading users, aliases and domains")?;
-    let tls = common::tls::acceptor(&config.tls)?;
-    let m = &config.maildird;
-    let listeners = [
-        bind(&m.imap_listen)?,
-        bind(&m.imaps_listen)?,
-        bind(&m.pop3_listen)?,
-        bind(&m.pop3s_listen)?,
-    ];
-    drop_privileges(&config, Role::Maildird)?;
-    Ok(Prepared {
-        config_path,
-        config,
-        directory,
-        tls,
-        listeners,
-    })
-}
-
-async fn run(prepared: Prepared) -> anyhow::Result<()> {
+async fn run(prepared: Prepared<Service>) -> anyhow::Result<()> {
     let Prepared {
         config_path,
         config,
         directory,
         tls,
-        listeners: [imap, imaps, pop3, pop3s],
+        listeners,
     } = prepared;
     let directory = std::sync::Arc::new(directory);
     let mut signals = Signals::install()?;
     let mut handoff = Receiver::from_env().context("the certificate pipe from master")?;
-    let (imap, imaps, pop3, pop3s) = (
-        into_tokio(imap)?,
-        into_tokio(imaps)?,
-        into_tokio(pop3)?,
-        into_tokio(pop3s)?,
-    );
-    let listen: Vec<_> = config
-        .maildird
-        .imap_listen
-        .iter()
-        .chain(&config.maildird.imaps_listen)
-        .chain(&config.maildird.pop3_listen)
-        .chain(&config.maildird.pop3s_listen)
-        .copied()
-        .collect();
+    let listen: Vec<SocketAddr> = endpoints(&config).into_iter().map(|(a, _)| a).collect();
     let (stop_tx, stop_rx) = daemon::shutdown_channel();
     let watcher = FolderWatcher::start().context("starting inotify")?;
     let imap_server = ImapServer::new(
@@ -99,16 +75,17 @@ async fn run(prepared: Prepared) -> anyhow::Result<()> {
         stop_rx.clone(),
         watcher,
     );
-    for (listeners, implicit_tls) in [(imap, false), (imaps, true)] {
-        for l in listeners {
-            tokio::spawn(imap_server.clone().serve(l, implicit_tls));
-        }
-    }
     let server = Pop3Server::new(config, Some(tls), directory, stop_rx);
-    for (listeners, implicit_tls) in [(pop3, false), (pop3s, true)] {
-        for l in listeners {
-            tokio::spawn(server.clone().serve(l, implicit_tls));
-        }
+    for (listener, service) in listeners {
+        let listener = TcpListener::from_std(listener)?;
+        match service {
+            Service::Imap { implicit_tls } => {
+                tokio::spawn(imap_server.clone().serve(listener, implicit_tls))
+            }
+            Service::Pop3 { implicit_tls } => {
+                tokio::spawn(server.clone().serve(listener, implicit_tls))
+            }
+        };
     }
     tracing::info!("listening on {listen:?}");
     while signals.next().await == SignalEvent::Reload {

@@ -1,61 +1,27 @@
 //! smtpd: the SMTP receiver. See smtpd(8).
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
 use common::config::Config;
-use common::daemon::{self, SignalEvent, Signals};
-use common::privileges::{drop_privileges, Role};
-use common::recipients::DirectoryCache;
+use common::daemon::{self, Prepared, SignalEvent, Signals};
+use common::privileges::Role;
 use common::tls_handoff::{reload_acceptor, Receiver};
 use mailsrv_mta::smtp::server::Server;
 use mailsrv_mta::smtp::session::Port;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 fn main() -> std::process::ExitCode {
-    daemon::main("smtpd", 0, setup, run)
+    daemon::main(
+        "smtpd",
+        0,
+        || Ok(daemon::prepare("smtpd", Role::Smtpd, endpoints)?),
+        run,
+    )
 }
 
-/// What is done as root, if started as root: read the config, the tables
-/// and the key, bind the listeners; then drop privileges.
-struct Prepared {
-    config_path: PathBuf,
-    config: Config,
-    directory: DirectoryCache,
-    tls: TlsAcceptor,
-    listeners: Vec<(std::net::TcpListener, Port)>,
-}
-
-fn setup() -> anyhow::Result<Prepared> {
-    let (config_path, config) = daemon::start("smtpd")?;
-    let directory = DirectoryCache::new(&config).context("loading users, aliases and domains")?;
-    let tls = common::tls::acceptor(&config.tls)?;
-    let smtpd = &config.smtpd;
-    let mut listeners = Vec::new();
-    for (addrs, port) in [
-        (&smtpd.listen, Port::Mx),
-        (&smtpd.submission_listen, Port::Submission),
-        (&smtpd.submissions_listen, Port::Submissions),
-    ] {
-        for addr in addrs {
-            let l = common::net::bind_listener(*addr)
-                .with_context(|| format!("cannot listen on {addr}"))?;
-            listeners.push((l, port));
-        }
-    }
-    drop_privileges(&config, Role::Smtpd)?;
-    Ok(Prepared {
-        config_path,
-        config,
-        directory,
-        tls,
-        listeners,
-    })
-}
-
-async fn run(prepared: Prepared) -> anyhow::Result<()> {
+async fn run(prepared: Prepared<Port>) -> anyhow::Result<()> {
     let Prepared {
         config_path,
         config,
@@ -108,13 +74,21 @@ async fn run(prepared: Prepared) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every listener address, in config order.
-fn listen_addresses(config: &common::config::Config) -> Vec<std::net::SocketAddr> {
+/// Every listener with the kind of port it is, in config order.
+fn endpoints(config: &Config) -> Vec<(SocketAddr, Port)> {
     let s = &config.smtpd;
-    s.listen
-        .iter()
-        .chain(&s.submission_listen)
-        .chain(&s.submissions_listen)
-        .copied()
+    let kinds = [
+        (&s.listen, Port::Mx),
+        (&s.submission_listen, Port::Submission),
+        (&s.submissions_listen, Port::Submissions),
+    ];
+    kinds
+        .into_iter()
+        .flat_map(|(addrs, port)| addrs.iter().map(move |a| (*a, port)))
         .collect()
+}
+
+/// Every listener address, in config order.
+fn listen_addresses(config: &Config) -> Vec<SocketAddr> {
+    endpoints(config).into_iter().map(|(a, _)| a).collect()
 }
