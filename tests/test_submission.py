@@ -718,3 +718,39 @@ def test_trickled_command_line_times_out(make_mailsrv):
         assert elapsed < timeout + 2.5, f"421 only after {elapsed:.1f} s"
         conn.timeout = 5.0
         assert conn.closed(), "connection still open after 421"
+
+
+def test_trickled_message_data_times_out(make_mailsrv):
+    # Each byte comes well within data_timeout, but DATA as a whole falls
+    # behind min_data_rate: after data_timeout plus one second per
+    # min_data_rate bytes, the session ends.
+    timeout, rate = 2, 1000
+    srv = make_mailsrv(config={"smtpd.data_timeout": timeout, "smtpd.min_data_rate": rate},
+                       users=[ALICE])
+    with srv.raw() as conn:
+        conn.ehlo()
+        conn.expect("MAIL FROM:<x@far.example>", 250)
+        conn.expect(f"RCPT TO:<{ALICE}>", 250)
+        conn.expect("DATA", 354)
+        started = time.monotonic()
+        conn.timeout = 0.5
+        reply = None
+        # 100 bytes every half second: 200 B/s, a fifth of the rate.
+        for i in range(20):
+            try:
+                conn.send(b"x" * 98 + b"\r\n")
+            except OSError as e:
+                raise AssertionError(f"connection failed after {i} lines: {e}") from None
+            try:
+                reply = conn.read_reply()
+                break
+            except TimeoutError:
+                continue
+        elapsed = time.monotonic() - started
+        assert reply is not None, f"no reply to data trickled for {elapsed:.1f} s"
+        lines = RawSMTP.check_reply(reply, 421, "4.4.2", "trickled data")
+        assert "slowly" in " ".join(lines), lines
+        assert elapsed < 5.5, f"421 only after {elapsed:.1f} s"
+        conn.timeout = 5.0
+        assert conn.closed(), "connection still open after 421"
+    assert not srv.messages(ALICE), "a message cut short was delivered"

@@ -201,6 +201,11 @@ pub struct SmtpdConfig {
     /// Seconds to wait for each block of message data (RFC 5321 4.5.3.2.6).
     #[serde(default = "default_data_timeout")]
     pub data_timeout: u64,
+    /// Slowest message data accepted, in bytes a second: DATA, or a BDAT
+    /// chunk, must end within `data_timeout` plus a second for every this
+    /// many bytes received (Postfix's smtpd_min_data_rate).
+    #[serde(default = "default_min_data_rate")]
+    pub min_data_rate: u64,
     /// Longest a whole session may last, in seconds.
     #[serde(default = "default_session_timeout")]
     pub session_timeout: u64,
@@ -250,6 +255,9 @@ fn default_max_errors() -> u32 {
 }
 fn default_shutdown_grace() -> u64 {
     10
+}
+fn default_min_data_rate() -> u64 {
+    500
 }
 fn default_max_junk_commands() -> u32 {
     100
@@ -585,6 +593,7 @@ impl Config {
             ("smtpd.auth_failure_window", self.smtpd.auth_failure_window),
             ("smtpd.command_timeout", self.smtpd.command_timeout),
             ("smtpd.data_timeout", self.smtpd.data_timeout),
+            ("smtpd.min_data_rate", self.smtpd.min_data_rate),
             ("smtpd.session_timeout", self.smtpd.session_timeout),
         ];
         let access = &self.maildird.limits;

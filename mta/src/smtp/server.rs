@@ -214,11 +214,57 @@ struct SessionIo<'a, S> {
 }
 
 /// Why a read gave up waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wait {
     /// The per-read timeout passed.
     Idle,
+    /// Message data came slower than `smtpd.min_data_rate`.
+    TooSlow,
     /// The session's whole time is up.
     SessionOver,
+}
+
+/// The time message data may take (Postfix's smtpd_min_data_rate): each
+/// read within `data_timeout` (RFC 5321 4.5.3.2.6), and the whole of DATA
+/// or of a BDAT chunk within `data_timeout` plus one second for every
+/// `min_rate` bytes received, so a client trickling bytes cannot hold a
+/// session open.
+struct DataPace {
+    started: Instant,
+    timeout: Duration,
+    min_rate: u64,
+    received: u64,
+    session_deadline: Instant,
+}
+
+impl DataPace {
+    fn new(settings: &Settings, session_deadline: Instant) -> DataPace {
+        let s = &settings.config.smtpd;
+        DataPace {
+            started: Instant::now(),
+            timeout: Duration::from_secs(s.data_timeout),
+            min_rate: s.min_data_rate.max(1),
+            received: 0,
+            session_deadline,
+        }
+    }
+
+    /// When the next read must end, and why.
+    fn until(&self) -> (Instant, Wait) {
+        let earned = Duration::from_secs(self.received / self.min_rate);
+        [
+            (Instant::now() + self.timeout, Wait::Idle),
+            (self.started + self.timeout + earned, Wait::TooSlow),
+            (self.session_deadline, Wait::SessionOver),
+        ]
+        .into_iter()
+        .min_by_key(|(at, _)| *at)
+        .unwrap_or((self.session_deadline, Wait::SessionOver))
+    }
+
+    fn received(&mut self, n: usize) {
+        self.received += n as u64;
+    }
 }
 
 impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
@@ -245,12 +291,18 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
 
     /// When a read that may take `timeout` must end.
     fn read_deadline(&self, timeout: Duration) -> (Instant, Wait) {
-        read_deadline(timeout, self.deadline)
+        let idle = Instant::now() + timeout;
+        if idle < self.deadline {
+            (idle, Wait::Idle)
+        } else {
+            (self.deadline, Wait::SessionOver)
+        }
     }
 
     fn timeout_reply(wait: Wait, waiting_for: &str) -> Reply {
         match wait {
             Wait::Idle => Reply::new(421, "4.4.2", format!("Timeout waiting for {waiting_for}")),
+            Wait::TooSlow => Reply::new(421, "4.4.2", "Data arriving too slowly"),
             Wait::SessionOver => Reply::new(421, "4.4.2", "Session time limit exceeded"),
         }
     }
@@ -486,14 +538,14 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
     /// Read DATA until `CRLF.CRLF`; returns a reply to close with if the
     /// stream can no longer be trusted.
     async fn receive_data(&mut self) -> std::io::Result<Option<Reply>> {
-        let data_timeout = Duration::from_secs(self.settings.config.smtpd.data_timeout);
+        let mut pace = DataPace::new(self.settings, self.deadline);
         // If the queue file cannot be made, the data is still read so the
         // client gets its answer (452 on a full disk) in step.
         let mut writer = self.start_message().await;
         let mut decoder = DataDecoder::default();
         let mut out = Vec::with_capacity(64 * 1024);
         loop {
-            let (until, wait) = self.read_deadline(data_timeout);
+            let (until, wait) = pace.until();
             let buf = match tokio::time::timeout_at(until, self.io.fill_buf()).await {
                 Err(_) => return Ok(Some(Self::timeout_reply(wait, "data"))),
                 Ok(r) => r?,
@@ -504,6 +556,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
             out.clear();
             let (used, status) = decoder.decode(buf, &mut out);
             self.io.consume(used);
+            pace.received(used);
             if let Ok(w) = writer.as_mut() {
                 w.write(&out).await;
             }
@@ -547,11 +600,10 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
         accept: bool,
         refusal: Option<Reply>,
     ) -> std::io::Result<Option<Reply>> {
-        let timeout = Duration::from_secs(self.settings.config.smtpd.data_timeout);
-        let deadline = self.deadline;
+        let pace = DataPace::new(self.settings, self.deadline);
         let timed_out = |wait| Some(Self::timeout_reply(wait, "data"));
         if !accept {
-            if let Err(wait) = copy_exact(&mut self.io, size, timeout, deadline, None).await? {
+            if let Err(wait) = copy_exact(&mut self.io, size, pace, None).await? {
                 return Ok(timed_out(wait));
             }
             let reply = refusal.unwrap_or_else(|| Reply::new(554, "5.5.1", "Chunk refused"));
@@ -565,9 +617,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
             match self.start_message().await {
                 Ok(w) => self.bdat = Some(w),
                 Err(outcome) => {
-                    if let Err(wait) =
-                        copy_exact(&mut self.io, size, timeout, deadline, None).await?
-                    {
+                    if let Err(wait) = copy_exact(&mut self.io, size, pace, None).await? {
                         return Ok(timed_out(wait));
                     }
                     let reply = self.session.finish(outcome);
@@ -577,7 +627,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
             }
         }
         let sink = self.bdat.as_mut();
-        if let Err(wait) = copy_exact(&mut self.io, size, timeout, deadline, sink).await? {
+        if let Err(wait) = copy_exact(&mut self.io, size, pace, sink).await? {
             return Ok(timed_out(wait));
         }
         let reply = match (last, self.bdat.take()) {
@@ -600,17 +650,15 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
 }
 
 /// Move exactly `n` bytes from `reader` into `sink` (or nowhere); stops
-/// when the client goes quiet for longer than `timeout` or the session's
-/// `deadline` passes.
+/// when the client falls behind `pace`.
 async fn copy_exact<R: AsyncRead + Unpin>(
     reader: &mut BufReader<R>,
     mut n: u64,
-    timeout: Duration,
-    deadline: Instant,
+    mut pace: DataPace,
     mut sink: Option<&mut MessageWriter>,
 ) -> std::io::Result<Result<(), Wait>> {
     while n > 0 {
-        let (until, wait) = read_deadline(timeout, deadline);
+        let (until, wait) = pace.until();
         let buf = match tokio::time::timeout_at(until, reader.fill_buf()).await {
             Err(_) => return Ok(Err(wait)),
             Ok(r) => r?,
@@ -623,18 +671,38 @@ async fn copy_exact<R: AsyncRead + Unpin>(
             w.write(&buf[..take]).await;
         }
         reader.consume(take);
+        pace.received(take);
         n -= take as u64;
     }
     Ok(Ok(()))
 }
 
-/// When a read that may wait `timeout` must end, given the session's
-/// `deadline`, and which of the two it is.
-fn read_deadline(timeout: Duration, deadline: Instant) -> (Instant, Wait) {
-    let idle = Instant::now() + timeout;
-    if idle < deadline {
-        (idle, Wait::Idle)
-    } else {
-        (deadline, Wait::SessionOver)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pace(started_ago: u64, received: u64) -> DataPace {
+        let now = Instant::now();
+        DataPace {
+            started: now - Duration::from_secs(started_ago),
+            timeout: Duration::from_secs(10),
+            min_rate: 100,
+            received,
+            session_deadline: now + Duration::from_secs(3600),
+        }
+    }
+
+    #[test]
+    fn data_must_keep_its_pace() {
+        // Fast enough: only the per-read timeout applies.
+        assert_eq!(pace(15, 10_000).until().1, Wait::Idle);
+        // 100 bytes in 15 s at 100 B/s earns 1 s on top of the 10 s.
+        let (at, why) = pace(15, 100).until();
+        assert_eq!(why, Wait::TooSlow);
+        assert!(at <= Instant::now());
+        // The session deadline still caps everything.
+        let mut p = pace(0, 1_000_000);
+        p.session_deadline = Instant::now() + Duration::from_secs(1);
+        assert_eq!(p.until().1, Wait::SessionOver);
     }
 }
