@@ -3,9 +3,18 @@
 # builds release binaries, makes a throw-away installation in a temp dir
 # on PORT_BASE (default 34000), runs loadgen with the arguments given
 # (defaults below), prints its report, stops everything and cleans up.
-#   bench/smtp-bench.sh [loadgen options...]
+#   bench/smtp-bench.sh [--submission | --submissions] [loadgen options...]
+# By default loadgen sends to the MX port (P+25) over plain TCP. With
+# --submission it submits as a mail client does on the submission port
+# (P+587): STARTTLS, then AUTH PLAIN as u2@example.test, sender u2;
+# --submissions does the same with TLS from the connect (P+465). The
+# installation's certificate is self-signed, hence --tls-insecure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mode=mx
+case ${1-} in
+  --submission | --submissions) mode=${1#--}; shift ;;
+esac
 cargo build --release --workspace --quiet
 bin=$PWD/target/release
 dir=$(mktemp -d)
@@ -13,13 +22,22 @@ port_base=${PORT_BASE:-34000}
 cfg=$dir/mailsrv.toml
 cleanup() { "$bin/mailctl" -c "$cfg" stop >/dev/null 2>&1 || true; rm -rf "$dir"; }
 trap cleanup EXIT
-"$bin/mailctl" init "$dir" --domain example.test --port-base "$port_base" >/dev/null
+# --single-user: run the daemons as whoever runs this script, even root
+# (dropping to system users would need a world-searchable $dir).
+"$bin/mailctl" init "$dir" --domain example.test --port-base "$port_base" --single-user >/dev/null
 # loadgen connects from one address; lift the per-client limit for it.
 sed -i 's/^\[smtpd\]$/[smtpd]\nmax_connections_per_client = 500/' "$cfg"
+# u1 receives; u2 is the submitting client's account.
 for u in u1 u2; do echo pw | "$bin/mailctl" -c "$cfg" user add "$u@example.test" >/dev/null; done
 "$bin/mailctl" -c "$cfg" start >/dev/null
 if [ $# -eq 0 ]; then
   set -- --sessions 64 --messages 10000 --size 4096 --per-session 50 --pipelining
 fi
-"$bin/loadgen" --server "127.0.0.1:$((port_base + 25))" --to u1@example.test \
+submit=(--tls-insecure --auth-user u2@example.test --auth-password pw --from u2@example.test)
+case $mode in
+  mx) target=(--server "127.0.0.1:$((port_base + 25))") ;;
+  submission) target=(--server "127.0.0.1:$((port_base + 587))" --tls starttls "${submit[@]}") ;;
+  submissions) target=(--server "127.0.0.1:$((port_base + 465))" --tls implicit "${submit[@]}") ;;
+esac
+"$bin/loadgen" "${target[@]}" --to u1@example.test \
   --maildir-glob "$dir/mail/example.test/u1/new" "$@"

@@ -1,11 +1,14 @@
 //! `loadgen`: an SMTP load generator for mailsrv or any other SMTP server.
 //!
 //! N concurrent sessions share M messages; each session sends K messages
-//! per connection, then QUITs and reconnects. It reports how many messages
-//! were accepted or refused, the throughput, the latency from the end of the
-//! data to the 250 reply and, with `--maildir-glob`, how many messages reached
-//! the Maildirs and how fast. Exit status 1 when any message was refused, not
-//! sent, or not delivered.
+//! per connection, then QUITs and reconnects. Connections may use TLS
+//! (STARTTLS or implicit) and log in with AUTH PLAIN, as mail clients
+//! submitting mail do. It reports how many messages were accepted or
+//! refused, the throughput, the latency from the end of the data to the 250
+//! reply, the time each connection took to set up (with the TLS handshake
+//! and AUTH separately) and, with `--maildir-glob`, how many messages
+//! reached the Maildirs and how fast. Exit status 1 when any message was
+//! refused, not sent, or not delivered.
 
 mod cli;
 mod maildir;
@@ -14,6 +17,7 @@ mod report;
 mod session;
 mod smtp;
 mod stats;
+mod tls;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -58,7 +62,7 @@ async fn run(cli: Cli) -> Result<bool> {
         .map(MaildirWatch::start)
         .transpose()?;
 
-    let job = Arc::new(Job::new(&cli, addr, template));
+    let job = Arc::new(Job::new(&cli, addr, template)?);
     let start = Instant::now();
     let sessions: Vec<_> = (0..cli.sessions.min(cli.messages))
         .map(|_| tokio::spawn(session::run(Arc::clone(&job))))
@@ -103,12 +107,18 @@ async fn run(cli: Cli) -> Result<bool> {
     };
 
     let latency = Percentiles::of(&mut stats.latencies);
+    let setup = Percentiles::of(&mut stats.setup_times);
+    let tls_handshake = Percentiles::of(&mut stats.tls_handshakes);
+    let auth = Percentiles::of(&mut stats.auth_times);
     let report = Report {
         cli: &cli,
         run_id: &run_id,
         stats: &stats,
         elapsed,
         latency,
+        setup,
+        tls_handshake,
+        auth,
         delivery,
     };
     if cli.json {

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::cli::Cli;
+use crate::cli::{Cli, TlsMode};
 use crate::stats::{Percentiles, Stats};
 
 /// What the Maildir watcher found.
@@ -26,6 +26,12 @@ pub struct Report<'a> {
     pub elapsed: Duration,
     /// End of data to 250, over the accepted messages.
     pub latency: Option<Percentiles>,
+    /// Connect to ready for MAIL, over the established connections.
+    pub setup: Option<Percentiles>,
+    /// The TLS handshakes.
+    pub tls_handshake: Option<Percentiles>,
+    /// AUTH to 235.
+    pub auth: Option<Percentiles>,
     /// Present with --maildir-glob.
     pub delivery: Option<Delivery>,
 }
@@ -68,6 +74,35 @@ impl Report<'_> {
         per_sec(self.stats.accepted_bytes as f64 / 1e6, self.elapsed)
     }
 
+    /// How the connections were secured and logged in, for the first line
+    /// of the human report (empty for plain TCP without AUTH).
+    fn security(&self) -> String {
+        let mut out = match self.cli.tls {
+            TlsMode::None => String::new(),
+            TlsMode::Starttls => ", STARTTLS".to_owned(),
+            TlsMode::Implicit => ", implicit TLS".to_owned(),
+        };
+        if self.cli.tls != TlsMode::None && self.cli.tls_insecure {
+            out.push_str(" (certificate not verified)");
+        }
+        if let Some(user) = &self.cli.auth_user {
+            let _ = write!(out, ", AUTH PLAIN as {user}");
+        }
+        out
+    }
+
+    /// The steps of connection setup, for the human report.
+    fn setup_steps(&self) -> &'static str {
+        match (self.cli.tls, self.cli.auth_user.is_some()) {
+            (TlsMode::None, false) => "connect, greeting, EHLO",
+            (TlsMode::None, true) => "connect, greeting, EHLO, AUTH",
+            (TlsMode::Starttls, false) => "connect, greeting, EHLO, STARTTLS, TLS, EHLO",
+            (TlsMode::Starttls, true) => "connect, greeting, EHLO, STARTTLS, TLS, EHLO, AUTH",
+            (TlsMode::Implicit, false) => "connect, TLS, greeting, EHLO",
+            (TlsMode::Implicit, true) => "connect, TLS, greeting, EHLO, AUTH",
+        }
+    }
+
     /// The human-readable report, one item per line.
     pub fn human(&self) -> String {
         let (cli, s) = (self.cli, self.stats);
@@ -83,14 +118,48 @@ impl Report<'_> {
         // Writing to a String cannot fail.
         let _ = writeln!(
             out,
-            "loadgen {} -> {}: {} sessions, {} messages of ~{} bytes, {} per connection, {pipelining}",
-            self.run_id, cli.server, cli.sessions, cli.messages, cli.size, cli.per_session
+            "loadgen {} -> {}: {} sessions, {} messages of ~{} bytes, {} per connection, {pipelining}{}",
+            self.run_id,
+            cli.server,
+            cli.sessions,
+            cli.messages,
+            cli.size,
+            cli.per_session,
+            self.security()
         );
+        let auth_refused = if cli.auth_user.is_some() {
+            format!(", {} of them AUTH refused", s.auth_failures)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "connections:  {} ({} failed to connect)",
+            "connections:  {} ({} failed to set up{auth_refused})",
             s.connections, s.connect_failures
         );
+        if let Some(p) = &self.setup {
+            let _ = writeln!(
+                out,
+                "setup:        {} per connection ({})",
+                human_percentiles(p),
+                self.setup_steps()
+            );
+        }
+        if let Some(p) = &self.tls_handshake {
+            let _ = writeln!(
+                out,
+                "TLS:          {} per handshake ({})",
+                human_percentiles(p),
+                s.tls_session.as_deref().unwrap_or("?")
+            );
+        }
+        if let Some(p) = &self.auth {
+            let _ = writeln!(
+                out,
+                "AUTH:         {} (AUTH PLAIN -> 235)",
+                human_percentiles(p)
+            );
+        }
         let _ = writeln!(out, "accepted:     {}", s.accepted);
         let _ = writeln!(out, "refused:      {}", s.refused);
         if s.rcpt_refused > 0 {
@@ -117,11 +186,8 @@ impl Report<'_> {
         if let Some(p) = &self.latency {
             let _ = writeln!(
                 out,
-                "latency:      p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms (end of data -> 250)",
-                ms(p.p50),
-                ms(p.p90),
-                ms(p.p99),
-                ms(p.max)
+                "latency:      {} (end of data -> 250)",
+                human_percentiles(p)
             );
         }
         if let Some(d) = &self.delivery {
@@ -153,16 +219,12 @@ impl Report<'_> {
     /// The report as one JSON object (one line).
     pub fn json(&self) -> String {
         let (cli, s) = (self.cli, self.stats);
-        let latency = match &self.latency {
-            Some(p) => format!(
-                r#"{{"p50":{:.3},"p90":{:.3},"p99":{:.3},"max":{:.3}}}"#,
-                ms(p.p50),
-                ms(p.p90),
-                ms(p.p99),
-                ms(p.max)
-            ),
-            None => "null".to_owned(),
+        let tls = match cli.tls {
+            TlsMode::None => "null",
+            TlsMode::Starttls => r#""starttls""#,
+            TlsMode::Implicit => r#""implicit""#,
         };
+        let optional = |text: Option<&str>| text.map_or("null".to_owned(), json_string);
         let delivery = match &self.delivery {
             Some(d) => format!(
                 r#"{{"expected":{},"delivered":{},"elapsed_s":{},"delivered_per_s":{:.1}}}"#,
@@ -184,8 +246,10 @@ impl Report<'_> {
         format!(
             concat!(
                 r#"{{"run_id":{},"server":{},"sessions":{},"messages":{},"size":{},"#,
-                r#""per_session":{},"pipelining":{},"connections":{},"pipelined_connections":{},"#,
-                r#""connect_failures":{},"accepted":{},"refused":{},"rcpt_refused":{},"failed":{},"#,
+                r#""per_session":{},"pipelining":{},"tls":{},"auth_user":{},"#,
+                r#""connections":{},"pipelined_connections":{},"connect_failures":{},"auth_failures":{},"#,
+                r#""setup_ms":{},"tls_handshake_ms":{},"auth_ms":{},"tls_session":{},"#,
+                r#""accepted":{},"refused":{},"rcpt_refused":{},"failed":{},"#,
                 r#""not_sent":{},"mean_size":{},"elapsed_s":{:.3},"accepted_per_s":{:.1},"mb_per_s":{:.3},"#,
                 r#""latency_ms":{},"delivery":{},"errors":[{}],"other_errors":{},"ok":{}}}"#
             ),
@@ -196,9 +260,16 @@ impl Report<'_> {
             cli.size,
             cli.per_session,
             cli.pipelining,
+            tls,
+            optional(cli.auth_user.as_deref()),
             s.connections,
             s.pipelined_connections,
             s.connect_failures,
+            s.auth_failures,
+            json_percentiles(self.setup.as_ref()),
+            json_percentiles(self.tls_handshake.as_ref()),
+            json_percentiles(self.auth.as_ref()),
+            optional(s.tls_session.as_deref()),
             s.accepted,
             s.refused,
             s.rcpt_refused,
@@ -208,7 +279,7 @@ impl Report<'_> {
             self.elapsed.as_secs_f64(),
             self.accepted_per_sec(),
             self.mb_per_sec(),
-            latency,
+            json_percentiles(self.latency.as_ref()),
             delivery,
             errors,
             s.errors.others,
@@ -229,6 +300,31 @@ fn per_sec(amount: f64, elapsed: Duration) -> f64 {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// `p` in milliseconds for the human report.
+fn human_percentiles(p: &Percentiles) -> String {
+    format!(
+        "p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        ms(p.p50),
+        ms(p.p90),
+        ms(p.p99),
+        ms(p.max)
+    )
+}
+
+/// `p` in milliseconds as a JSON object, or null.
+fn json_percentiles(p: Option<&Percentiles>) -> String {
+    match p {
+        Some(p) => format!(
+            r#"{{"p50":{:.3},"p90":{:.3},"p99":{:.3},"max":{:.3}}}"#,
+            ms(p.p50),
+            ms(p.p90),
+            ms(p.p99),
+            ms(p.max)
+        ),
+        None => "null".to_owned(),
+    }
 }
 
 /// `s` as a JSON string literal.
@@ -291,6 +387,7 @@ mod tests {
             accepted_bytes: 3000,
             connections: 2,
             latencies: vec![Duration::from_millis(2); 3],
+            setup_times: vec![Duration::from_micros(300); 2],
             ..Stats::default()
         };
         stats.errors.add("550 5.1.1 \"no\"".to_owned(), 1);
@@ -300,6 +397,9 @@ mod tests {
             stats: &stats,
             elapsed: Duration::from_secs(2),
             latency: Percentiles::of(&mut stats.latencies.clone()),
+            setup: Percentiles::of(&mut stats.setup_times.clone()),
+            tls_handshake: None,
+            auth: None,
             delivery: Some(Delivery {
                 expected: 3,
                 delivered: 3,
@@ -319,9 +419,108 @@ mod tests {
         ));
         assert!(json.contains(r#""errors":[{"count":1,"error":"550 5.1.1 \"no\""}]"#));
         assert!(json.ends_with(r#""ok":false}"#));
+        assert!(json.contains(concat!(
+            r#""pipelining":false,"tls":null,"auth_user":null,"connections":2,"#,
+            r#""pipelined_connections":0,"connect_failures":0,"auth_failures":0,"#,
+            r#""setup_ms":{"p50":0.300,"p90":0.300,"p99":0.300,"max":0.300},"#,
+            r#""tls_handshake_ms":null,"auth_ms":null,"tls_session":null,"#
+        )));
+        let parsed: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+        assert_eq!(parsed["accepted"], 3);
         let human = report.human();
+        assert!(human.contains(" per connection, no pipelining\n"));
+        assert!(human.contains("connections:  2 (0 failed to set up)\n"));
+        assert!(human.contains(
+            "setup:        p50 0.30 ms, p90 0.30 ms, p99 0.30 ms, max 0.30 ms per connection (connect, greeting, EHLO)\n"
+        ));
+        assert!(!human.contains("TLS:"));
+        assert!(!human.contains("AUTH"));
         assert!(human.contains("accepted:     3\n"));
         assert!(human.contains("  1 x 550 5.1.1 \"no\"\n"));
         assert!(human.ends_with("result:       FAILED\n"));
+    }
+
+    #[test]
+    fn report_with_tls_and_auth() {
+        let cli = Cli::try_parse_from([
+            "loadgen",
+            "--server",
+            "127.0.0.1:10587",
+            "--sessions",
+            "1",
+            "--messages",
+            "2",
+            "--size",
+            "1000",
+            "--to",
+            "a@x",
+            "--tls",
+            "starttls",
+            "--tls-insecure",
+            "--auth-user",
+            "u@x",
+            "--auth-password",
+            "secret",
+        ])
+        .expect("valid command line");
+        let mut stats = Stats {
+            accepted: 2,
+            deliveries: 2,
+            accepted_bytes: 2000,
+            connections: 1,
+            connect_failures: 1,
+            auth_failures: 1,
+            latencies: vec![Duration::from_millis(2); 2],
+            setup_times: vec![Duration::from_millis(25)],
+            tls_handshakes: vec![Duration::from_millis(3)],
+            auth_times: vec![Duration::from_millis(20)],
+            tls_session: Some("TLSv1_3, TLS13_AES_256_GCM_SHA384, X25519".to_owned()),
+            ..Stats::default()
+        };
+        stats.errors.add(
+            "AUTH refused: 535 5.7.8 Authentication credentials invalid".to_owned(),
+            1,
+        );
+        let report = Report {
+            cli: &cli,
+            run_id: "r2",
+            stats: &stats,
+            elapsed: Duration::from_secs(1),
+            latency: Percentiles::of(&mut stats.latencies.clone()),
+            setup: Percentiles::of(&mut stats.setup_times.clone()),
+            tls_handshake: Percentiles::of(&mut stats.tls_handshakes.clone()),
+            auth: Percentiles::of(&mut stats.auth_times.clone()),
+            delivery: None,
+        };
+        assert!(report.success(), "every message was accepted");
+        let json = report.json();
+        assert!(json.contains(concat!(
+            r#""tls":"starttls","auth_user":"u@x","connections":1,"pipelined_connections":0,"#,
+            r#""connect_failures":1,"auth_failures":1,"#,
+            r#""setup_ms":{"p50":25.000,"p90":25.000,"p99":25.000,"max":25.000},"#,
+            r#""tls_handshake_ms":{"p50":3.000,"#
+        )));
+        assert!(json.contains(
+            r#""auth_ms":{"p50":20.000,"p90":20.000,"p99":20.000,"max":20.000},"tls_session":"TLSv1_3, TLS13_AES_256_GCM_SHA384, X25519","#
+        ));
+        assert!(!json.contains("secret"), "no password in the report");
+        let parsed: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+        assert_eq!(parsed["setup_ms"]["p99"], 25.0);
+        let human = report.human();
+        assert!(!human.contains("secret"));
+        assert!(human
+            .contains("no pipelining, STARTTLS (certificate not verified), AUTH PLAIN as u@x\n"));
+        assert!(human.contains("connections:  1 (1 failed to set up, 1 of them AUTH refused)\n"));
+        assert!(human.contains(
+            "setup:        p50 25.00 ms, p90 25.00 ms, p99 25.00 ms, max 25.00 ms per connection (connect, greeting, EHLO, STARTTLS, TLS, EHLO, AUTH)\n"
+        ));
+        assert!(human.contains(
+            "TLS:          p50 3.00 ms, p90 3.00 ms, p99 3.00 ms, max 3.00 ms per handshake (TLSv1_3, TLS13_AES_256_GCM_SHA384, X25519)\n"
+        ));
+        assert!(human.contains("AUTH:         p50 20.00 ms, p90 20.00 ms, p99 20.00 ms, max 20.00 ms (AUTH PLAIN -> 235)\n"));
+        assert!(
+            human.contains("  1 x AUTH refused: 535 5.7.8 Authentication credentials invalid\n")
+        );
+        assert!(human.ends_with("result:       OK\n"));
     }
 }

@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::cli::Cli;
+use crate::cli::{Cli, TlsMode};
 use crate::message::{Message, MessageTemplate};
-use crate::smtp::{Connection, Reply};
+use crate::smtp::{plain_response, AuthRefused, Connection, Reply, Security, Setup};
 use crate::stats::Stats;
+use crate::tls::TlsClient;
 
 /// The work shared by all sessions.
 pub struct Job {
@@ -25,8 +26,10 @@ pub struct Job {
     per_session: u64,
     /// Whether to pipeline when the server allows it.
     pipelining: bool,
-    /// Limit of each connect, read and write.
+    /// Limit of each connect, handshake, read and write.
     io_timeout: Duration,
+    /// TLS and AUTH of each connection.
+    setup: Setup,
     /// The messages.
     template: MessageTemplate,
     /// Number of messages of the run.
@@ -37,18 +40,29 @@ pub struct Job {
 
 impl Job {
     /// The job the command line describes, sent to `addr`.
-    pub fn new(cli: &Cli, addr: SocketAddr, template: MessageTemplate) -> Self {
-        Job {
+    pub fn new(cli: &Cli, addr: SocketAddr, template: MessageTemplate) -> Result<Self> {
+        let security = match cli.tls {
+            TlsMode::None => Security::Plain,
+            TlsMode::Starttls => Security::StartTls(TlsClient::insecure(&cli.server)?),
+            TlsMode::Implicit => Security::Implicit(TlsClient::insecure(&cli.server)?),
+        };
+        Ok(Job {
             addr,
             from: cli.from.clone(),
             to: cli.to.clone(),
             per_session: cli.per_session,
             pipelining: cli.pipelining,
             io_timeout: cli.io_timeout(),
+            setup: Setup {
+                security,
+                auth_plain: cli
+                    .credentials()
+                    .map(|(user, password)| plain_response(user, password)),
+            },
             template,
             total: cli.messages,
             next: AtomicU64::new(0),
-        }
+        })
     }
 
     /// Claims the next message number, if any is left.
@@ -74,7 +88,8 @@ enum Outcome {
 }
 
 /// Runs one session until the job's messages are all claimed. A message
-/// claimed by a session that then cannot connect is left unsent.
+/// claimed by a session that then cannot connect (or set up TLS, or log in)
+/// is left unsent, and the session ends.
 pub async fn run(job: Arc<Job>) -> Stats {
     let mut stats = Stats::default();
     let mut conn: Option<Connection> = None;
@@ -82,21 +97,27 @@ pub async fn run(job: Arc<Job>) -> Stats {
     while let Some(n) = job.claim() {
         let c = match conn.as_mut() {
             Some(c) => c,
-            None => match Connection::open(job.addr, job.io_timeout).await {
-                Ok(c) => {
-                    stats.connections += 1;
-                    if job.pipelining && c.pipelining {
-                        stats.pipelined_connections += 1;
+            None => {
+                let started = Instant::now();
+                match Connection::open(job.addr, job.io_timeout, &job.setup).await {
+                    Ok(c) => {
+                        stats.add_connection(&c, started.elapsed());
+                        if job.pipelining && c.pipelining {
+                            stats.pipelined_connections += 1;
+                        }
+                        sent_on_conn = 0;
+                        conn.insert(c)
                     }
-                    sent_on_conn = 0;
-                    conn.insert(c)
+                    Err(e) => {
+                        stats.connect_failures += 1;
+                        if e.is::<AuthRefused>() {
+                            stats.auth_failures += 1;
+                        }
+                        stats.errors.add(format!("{e:#}"), 1);
+                        break;
+                    }
                 }
-                Err(e) => {
-                    stats.connect_failures += 1;
-                    stats.errors.add(format!("{e:#}"), 1);
-                    break;
-                }
-            },
+            }
         };
         let message = job.template.render(n);
         let mut keep = true;

@@ -1,14 +1,22 @@
-//! The client side of SMTP: reply parsing and a connection whose reads are
-//! bounded in size and every network operation in time.
+//! The client side of SMTP: reply parsing and a connection, over TCP or
+//! TLS (STARTTLS or implicit) and optionally logged in with AUTH PLAIN, whose
+//! reads are bounded in size and every network operation in time.
 
 use std::fmt;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use rustls::ClientConnection;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+use tokio_rustls::client::TlsStream;
+
+use crate::tls::TlsClient;
 
 /// Most bytes of unparsed server output held at once; a reply that does not
 /// end within this many bytes is an error.
@@ -44,6 +52,22 @@ impl Reply {
             line.split_ascii_whitespace()
                 .next()
                 .is_some_and(|word| word.eq_ignore_ascii_case(keyword))
+        })
+    }
+
+    /// The SASL mechanisms an EHLO reply advertises, if it advertises AUTH
+    /// (`AUTH PLAIN LOGIN`, or the old `AUTH=PLAIN LOGIN` form).
+    pub fn auth_mechanisms(&self) -> Option<Vec<&str>> {
+        self.lines.iter().skip(1).find_map(|line| {
+            let mut words = line.split_ascii_whitespace();
+            let first = words.next()?;
+            if first.eq_ignore_ascii_case("AUTH") {
+                return Some(words.collect());
+            }
+            let old = first
+                .get(..5)
+                .is_some_and(|k| k.eq_ignore_ascii_case("AUTH="));
+            old.then(|| std::iter::once(&first[5..]).chain(words).collect())
         })
     }
 }
@@ -111,9 +135,82 @@ fn excerpt(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..bytes.len().min(100)]).into_owned()
 }
 
-/// An SMTP connection past the greeting and EHLO.
+/// How connections are secured beyond TCP.
+#[derive(Clone)]
+pub enum Security {
+    /// Plain TCP.
+    Plain,
+    /// STARTTLS after the first EHLO (RFC 3207).
+    StartTls(TlsClient),
+    /// TLS from the connect (RFC 8314).
+    Implicit(TlsClient),
+}
+
+/// How every connection of the run is set up.
+#[derive(Clone)]
+pub struct Setup {
+    pub security: Security,
+    /// The AUTH PLAIN initial response (see [`plain_response`]), if the
+    /// client logs in.
+    pub auth_plain: Option<String>,
+}
+
+/// The server answered AUTH with something else than 235.
+#[derive(Debug)]
+pub struct AuthRefused(pub Reply);
+
+impl fmt::Display for AuthRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AUTH refused: {}", self.0)
+    }
+}
+
+impl std::error::Error for AuthRefused {}
+
+/// The SASL PLAIN message (RFC 4616) of `user` with `password` and no
+/// authorization identity, base64-encoded for AUTH (RFC 4954).
+pub fn plain_response(user: &str, password: &str) -> String {
+    BASE64.encode(format!("\0{user}\0{password}"))
+}
+
+/// The byte stream under the SMTP session.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// Writes all of `data` and pushes it out of TLS's buffer.
+    async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.write_all(data).await,
+            Stream::Tls(s) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
+        }
+    }
+
+    async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf).await,
+            Stream::Tls(s) => s.read(buf).await,
+        }
+    }
+
+    /// Closes the sending side (with a TLS close_notify first).
+    async fn shutdown(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.shutdown().await,
+            Stream::Tls(s) => s.shutdown().await,
+        }
+    }
+}
+
+/// An SMTP connection past the greeting and EHLO (and TLS and AUTH when
+/// asked for): ready for MAIL.
 pub struct Connection {
-    stream: TcpStream,
+    stream: Stream,
     /// Received bytes not yet parsed; never longer than [`MAX_BUFFERED`].
     buf: Vec<u8>,
     io_timeout: Duration,
@@ -121,12 +218,23 @@ pub struct Connection {
     pub pipelining: bool,
     /// Whether EHLO advertised SIZE (RFC 1870).
     pub size: bool,
+    /// Duration of the TLS handshake, if there was one.
+    pub tls_handshake: Option<Duration>,
+    /// Protocol version, cipher suite and key exchange group of the TLS
+    /// session, if there is one.
+    pub tls_session: Option<String>,
+    /// AUTH command to its 235 reply, if the client logged in.
+    pub auth: Option<Duration>,
 }
 
 impl Connection {
-    /// Connects to `addr`, reads the greeting and introduces itself with EHLO
-    /// (HELO if the server does not know EHLO).
-    pub async fn open(addr: SocketAddr, io_timeout: Duration) -> Result<Self> {
+    /// Connects to `addr`, does TLS first if `setup` says so, reads the
+    /// greeting and introduces itself with EHLO (HELO if the server does not
+    /// know EHLO and neither STARTTLS nor AUTH is needed), then does
+    /// STARTTLS and EHLO again and AUTH if `setup` says so.
+    ///
+    /// A refused AUTH is an [`AuthRefused`] error (after a QUIT).
+    pub async fn open(addr: SocketAddr, io_timeout: Duration, setup: &Setup) -> Result<Self> {
         let stream = timeout(io_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| anyhow!("connect to {addr}: timed out after {io_timeout:?}"))?
@@ -134,29 +242,109 @@ impl Connection {
         stream.set_nodelay(true).context("set TCP_NODELAY")?;
         let helo_name = address_literal(stream.local_addr().context("local address")?.ip());
         let mut conn = Connection {
-            stream,
+            stream: Stream::Plain(stream),
             buf: Vec::with_capacity(READ_CHUNK),
             io_timeout,
             pipelining: false,
             size: false,
+            tls_handshake: None,
+            tls_session: None,
+            auth: None,
         };
+        if let Security::Implicit(client) = &setup.security {
+            conn = conn.start_tls(client).await?;
+        }
         let greeting = conn.read_reply().await.context("greeting")?;
         if greeting.code != 220 {
             bail!("greeting: {greeting}");
         }
-        let ehlo = conn.command(&format!("EHLO {helo_name}")).await?;
+        let helo_allowed = matches!(setup.security, Security::Plain) && setup.auth_plain.is_none();
+        let mut ehlo = conn.ehlo(&helo_name, helo_allowed).await?;
+        if let Security::StartTls(client) = &setup.security {
+            if !ehlo.has_extension("STARTTLS") {
+                bail!("the server does not offer STARTTLS");
+            }
+            let reply = conn.command("STARTTLS").await?;
+            if reply.code != 220 {
+                bail!("STARTTLS refused: {reply}");
+            }
+            if !conn.buf.is_empty() {
+                // RFC 3207 6: nothing sent before TLS may count after it.
+                bail!("the server sent more than its reply to STARTTLS before TLS");
+            }
+            conn = conn.start_tls(client).await?;
+            ehlo = conn.ehlo(&helo_name, false).await?;
+        }
+        if let Some(initial) = &setup.auth_plain {
+            if let Err(e) = conn.auth_plain(&ehlo, initial).await {
+                if e.is::<AuthRefused>() {
+                    conn.quit().await;
+                }
+                return Err(e);
+            }
+        }
+        conn.pipelining = ehlo.has_extension("PIPELINING");
+        conn.size = ehlo.has_extension("SIZE");
+        Ok(conn)
+    }
+
+    /// Sends EHLO and returns its 250 reply; when `helo_allowed`, falls
+    /// back to HELO (whose reply advertises nothing) if EHLO is unknown.
+    async fn ehlo(&mut self, helo_name: &str, helo_allowed: bool) -> Result<Reply> {
+        let ehlo = self.command(&format!("EHLO {helo_name}")).await?;
         if ehlo.code == 250 {
-            conn.pipelining = ehlo.has_extension("PIPELINING");
-            conn.size = ehlo.has_extension("SIZE");
-        } else if matches!(ehlo.code, 500 | 502) {
-            let helo = conn.command(&format!("HELO {helo_name}")).await?;
+            return Ok(ehlo);
+        }
+        if helo_allowed && matches!(ehlo.code, 500 | 502) {
+            let helo = self.command(&format!("HELO {helo_name}")).await?;
             if !helo.is_positive() {
                 bail!("HELO refused: {helo}");
             }
-        } else {
-            bail!("EHLO refused: {ehlo}");
+            return Ok(helo);
         }
-        Ok(conn)
+        bail!("EHLO refused: {ehlo}")
+    }
+
+    /// The TLS handshake on the plain connection, bounded by the I/O timeout.
+    async fn start_tls(mut self, client: &TlsClient) -> Result<Self> {
+        let Stream::Plain(tcp) = self.stream else {
+            bail!("TLS is already active");
+        };
+        let started = Instant::now();
+        let tls = timeout(
+            self.io_timeout,
+            client.connector.connect(client.server_name.clone(), tcp),
+        )
+        .await
+        .map_err(|_| anyhow!("TLS handshake: timed out after {:?}", self.io_timeout))?
+        .context("TLS handshake")?;
+        self.tls_handshake = Some(started.elapsed());
+        self.tls_session = Some(describe_session(tls.get_ref().1));
+        self.stream = Stream::Tls(Box::new(tls));
+        Ok(self)
+    }
+
+    /// AUTH PLAIN with the initial response `initial`, if `ehlo` offers it.
+    async fn auth_plain(&mut self, ehlo: &Reply, initial: &str) -> Result<()> {
+        let Some(mechanisms) = ehlo.auth_mechanisms() else {
+            if matches!(self.stream, Stream::Plain(_)) {
+                bail!("the server does not offer AUTH (over plain TCP; see --tls)");
+            }
+            bail!("the server does not offer AUTH");
+        };
+        if !mechanisms.iter().any(|m| m.eq_ignore_ascii_case("PLAIN")) {
+            bail!(
+                "the server does not offer AUTH PLAIN, only {}",
+                mechanisms.join(" ")
+            );
+        }
+        let started = Instant::now();
+        let reply = self.command(&format!("AUTH PLAIN {initial}")).await?;
+        if reply.code != 235 {
+            return Err(AuthRefused(reply).into());
+        }
+        self.auth = Some(started.elapsed());
+        Ok(())
     }
 
     /// Writes `data` as it is.
@@ -199,11 +387,31 @@ impl Connection {
         }
     }
 
-    /// Ends the session politely. Errors are ignored: the connection is
-    /// dropped either way and no message depends on it.
+    /// Ends the session politely (QUIT, then TLS close_notify). Errors are
+    /// ignored: the connection is dropped either way and no message
+    /// depends on it.
     pub async fn quit(mut self) {
-        let _ = self.command("QUIT").await;
+        if self.command("QUIT").await.is_ok() {
+            let _ = timeout(self.io_timeout, self.stream.shutdown()).await;
+        }
     }
+}
+
+/// Protocol version, cipher suite and key exchange group of a TLS session.
+fn describe_session(session: &ClientConnection) -> String {
+    let unknown = || "?".to_owned();
+    format!(
+        "{}, {}, {}",
+        session
+            .protocol_version()
+            .map_or_else(unknown, |v| format!("{v:?}")),
+        session
+            .negotiated_cipher_suite()
+            .map_or_else(unknown, |s| format!("{:?}", s.suite())),
+        session
+            .negotiated_key_exchange_group()
+            .map_or_else(unknown, |g| format!("{:?}", g.name())),
+    )
 }
 
 /// The EHLO argument for a client without a host name: its address literal.
@@ -294,6 +502,56 @@ mod tests {
         let (reply, _) = parse("421-4.7.0 Too many\r\n421 4.7.0 Bye\r\n").expect("complete");
         assert!(reply.closes_connection());
         assert_eq!(reply.to_string(), "421 4.7.0 Too many / 4.7.0 Bye");
+    }
+
+    #[test]
+    fn auth_mechanisms() {
+        let (reply, _) = parse(
+            "250-mx.example.test\r\n250-PIPELINING\r\n250-AUTH PLAIN LOGIN\r\n250 SIZE 1000\r\n",
+        )
+        .expect("complete");
+        assert_eq!(reply.auth_mechanisms(), Some(vec!["PLAIN", "LOGIN"]));
+        let (old, _) = parse("250-mx\r\n250-AUTH=LOGIN plain\r\n250 HELP\r\n").expect("complete");
+        assert_eq!(old.auth_mechanisms(), Some(vec!["LOGIN", "plain"]));
+        let (none, _) = parse("250-AUTH PLAIN\r\n250 STARTTLS\r\n").expect("complete");
+        assert_eq!(
+            none.auth_mechanisms(),
+            None,
+            "greeting line is no extension"
+        );
+        let (bare, _) = parse("250-mx\r\n250 auth\r\n").expect("complete");
+        assert_eq!(bare.auth_mechanisms(), Some(vec![]));
+        let (other, _) = parse("250-mx\r\n250 AUTHX PLAIN\r\n").expect("complete");
+        assert_eq!(other.auth_mechanisms(), None);
+    }
+
+    #[test]
+    fn plain_responses() {
+        // RFC 4616 section 4, without authorization identity.
+        assert_eq!(
+            plain_response("tim", "tanstaaftanstaaf"),
+            "AHRpbQB0YW5zdGFhZnRhbnN0YWFm"
+        );
+        assert_eq!(
+            plain_response("u2@example.test", "pw"),
+            BASE64.encode(b"\0u2@example.test\0pw")
+        );
+        let decoded = BASE64
+            .decode(plain_response("ü@x.test", "pä ss"))
+            .expect("base64");
+        assert_eq!(decoded, "\0ü@x.test\0pä ss".as_bytes());
+    }
+
+    #[test]
+    fn auth_refusal_is_recognisable() {
+        let (reply, _) =
+            parse("535 5.7.8 Authentication credentials invalid\r\n").expect("complete");
+        let e = anyhow::Error::from(AuthRefused(reply));
+        assert!(e.is::<AuthRefused>());
+        assert_eq!(
+            e.to_string(),
+            "AUTH refused: 535 5.7.8 Authentication credentials invalid"
+        );
     }
 
     #[test]

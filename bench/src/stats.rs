@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::smtp::Connection;
+
 /// How many distinct error texts are kept; later ones are only counted.
 const MAX_DISTINCT_ERRORS: usize = 5;
 
@@ -20,12 +22,23 @@ pub struct Stats {
     pub deliveries: u64,
     /// Sum of the sizes of the accepted messages.
     pub accepted_bytes: u64,
-    /// SMTP sessions established (greeting and EHLO done).
+    /// SMTP sessions established (greeting and EHLO done, and TLS and AUTH
+    /// when asked for).
     pub connections: u64,
     /// Of those, the ones that used PIPELINING.
     pub pipelined_connections: u64,
     /// Connections that could not be established.
     pub connect_failures: u64,
+    /// Of those, the ones whose AUTH the server refused.
+    pub auth_failures: u64,
+    /// Per established connection: start of the connect to ready for MAIL.
+    pub setup_times: Vec<Duration>,
+    /// Per TLS connection: the handshake.
+    pub tls_handshakes: Vec<Duration>,
+    /// Per logged-in connection: AUTH to 235.
+    pub auth_times: Vec<Duration>,
+    /// What the first TLS connection negotiated.
+    pub tls_session: Option<String>,
     /// End of data to the 250 reply, per accepted message.
     pub latencies: Vec<Duration>,
     /// The first few distinct errors.
@@ -33,6 +46,17 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Counts the established connection `conn`, which took `setup`.
+    pub fn add_connection(&mut self, conn: &Connection, setup: Duration) {
+        self.connections += 1;
+        self.setup_times.push(setup);
+        self.tls_handshakes.extend(conn.tls_handshake);
+        self.auth_times.extend(conn.auth);
+        if self.tls_session.is_none() {
+            self.tls_session.clone_from(&conn.tls_session);
+        }
+    }
+
     /// Adds another session's numbers to these.
     pub fn merge(&mut self, other: Stats) {
         self.accepted += other.accepted;
@@ -44,6 +68,13 @@ impl Stats {
         self.connections += other.connections;
         self.pipelined_connections += other.pipelined_connections;
         self.connect_failures += other.connect_failures;
+        self.auth_failures += other.auth_failures;
+        self.setup_times.extend(other.setup_times);
+        self.tls_handshakes.extend(other.tls_handshakes);
+        self.auth_times.extend(other.auth_times);
+        if self.tls_session.is_none() {
+            self.tls_session = other.tls_session;
+        }
         self.latencies.extend(other.latencies);
         for (text, count) in other.errors.distinct {
             self.errors.add(text, count);
@@ -153,6 +184,13 @@ mod tests {
         let mut b = Stats {
             accepted: 3,
             latencies: vec![ms(1)],
+            connections: 2,
+            connect_failures: 2,
+            auth_failures: 1,
+            setup_times: vec![ms(20), ms(30)],
+            tls_handshakes: vec![ms(2), ms(3)],
+            auth_times: vec![ms(15), ms(25)],
+            tls_session: Some("TLSv1_3".to_owned()),
             ..Stats::default()
         };
         b.errors.add("550 err 1".to_owned(), 4);
@@ -160,6 +198,14 @@ mod tests {
         a.merge(b);
         assert_eq!(a.accepted, 3);
         assert_eq!(a.latencies, [ms(1)]);
+        assert_eq!(
+            (a.connections, a.connect_failures, a.auth_failures),
+            (2, 2, 1)
+        );
+        assert_eq!(a.setup_times, [ms(20), ms(30)]);
+        assert_eq!(a.tls_handshakes, [ms(2), ms(3)]);
+        assert_eq!(a.auth_times, [ms(15), ms(25)]);
+        assert_eq!(a.tls_session.as_deref(), Some("TLSv1_3"));
         assert_eq!(a.errors.distinct[1], ("550 err 1".to_owned(), 5));
         assert_eq!(a.errors.others, 3);
     }
