@@ -337,6 +337,13 @@ impl Spool {
         }
     }
 
+    /// The state whose directory holds the envelope of `id`, if any.
+    pub fn locate(&self, id: &str) -> Option<QueueState> {
+        QueueState::ALL
+            .into_iter()
+            .find(|s| self.envelope_path(*s, id).exists())
+    }
+
     /// The ids of the entries in `state`, oldest first. Names that are not
     /// queue ids are skipped.
     pub fn list(&self, state: QueueState) -> Result<Vec<String>, SpoolError> {

@@ -3,6 +3,7 @@
 mod check;
 mod control;
 mod init;
+mod queue;
 mod system;
 mod tables;
 
@@ -35,6 +36,9 @@ enum Command {
     /// Manage served domains
     #[command(subcommand)]
     Domain(tables::DomainCommand),
+    /// See and steer the mail queue
+    #[command(subcommand)]
+    Queue(queue::QueueCommand),
     /// Validate the configuration and the tables
     Check,
     /// Start the mail system
@@ -80,6 +84,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::User(c) => tables::user(&config, c),
         Command::Alias(c) => tables::alias(&config, c),
         Command::Domain(c) => tables::domain(&config, c),
+        Command::Queue(c) => queue::queue(&config, c),
         Command::Start { foreground } => control::start(&config_path, &config, foreground),
         Command::Stop => control::stop(&config),
         Command::Reload => control::reload(&config),
