@@ -11,6 +11,7 @@ pub mod flags;
 pub mod logging;
 pub mod login;
 pub mod maildir;
+pub mod maildrop;
 pub mod net;
 pub mod password;
 pub mod privileges;

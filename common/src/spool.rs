@@ -375,10 +375,19 @@ impl Spool {
                 .is_some_and(|age| age.as_secs() >= min_age_secs)
         };
         let mut removed = 0;
-        for dir in [self.data_dir(), self.root.join("tmp")] {
+        // spool/tmp/<id>.env, and the maildrop's <id>.tmp a sendmail that
+        // died mid-write leaves.
+        let dirs = [
+            (self.data_dir(), ""),
+            (self.root.join("tmp"), ".env"),
+            (self.dir(QueueState::Maildrop), ".tmp"),
+        ];
+        for (dir, suffix) in dirs {
             for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))?.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let id = name.trim_end_matches(".env");
+                let Some(id) = name.strip_suffix(suffix) else {
+                    continue;
+                };
                 let path = entry.path();
                 if !live.contains(id) && old_enough(&path) && std::fs::remove_file(&path).is_ok() {
                     removed += 1;
@@ -440,7 +449,13 @@ mod tests {
         spool.create_dirs().unwrap();
         let id = new_queue_id();
         spool.create_data(&id).unwrap();
+        let drop_dir = spool.dir(QueueState::Maildrop);
+        let half_written = new_queue_id();
+        std::fs::write(drop_dir.join(format!("{half_written}.tmp")), "x").unwrap();
+        let complete = new_queue_id();
+        std::fs::write(drop_dir.join(&complete), "x").unwrap();
         assert_eq!(spool.remove_orphans(3600).unwrap(), 0);
-        assert_eq!(spool.remove_orphans(0).unwrap(), 1);
+        assert_eq!(spool.remove_orphans(0).unwrap(), 2);
+        assert!(drop_dir.join(&complete).exists(), "a finished maildrop file is mail");
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod bounce;
 pub mod deliver;
+pub mod pickup;
 pub mod recovery;
 
 use std::collections::{HashMap, HashSet};
@@ -29,6 +30,8 @@ pub struct Context {
     pub hostname: String,
     pub min_backoff: u64,
     pub max_backoff: u64,
+    /// Largest message taken from the maildrop.
+    pub max_message_size: u64,
 }
 
 impl Context {
@@ -41,6 +44,7 @@ impl Context {
             hostname: config.hostname.clone(),
             min_backoff: config.qmgr.min_backoff,
             max_backoff: config.qmgr.max_backoff,
+            max_message_size: config.smtpd.max_message_size,
         })
     }
 
@@ -166,6 +170,10 @@ pub async fn run(
             WatchMask::MOVED_TO | WatchMask::CREATE,
         )
         .context("watching the incoming queue")?;
+    let maildrop = inotify
+        .watches()
+        .add(spool.dir(QueueState::Maildrop), WatchMask::MOVED_TO)
+        .context("watching the maildrop")?;
     let mut events = inotify
         .into_event_stream(vec![0u8; 4096])
         .context("inotify stream")?;
@@ -178,12 +186,17 @@ pub async fn run(
         slots: Arc::new(Semaphore::new(config.qmgr.delivery_concurrency)),
         done_tx,
     };
+    tokio::task::block_in_place(|| pickup::pickup_all(&ctx));
     sched.take_incoming();
     sched.take_due();
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             ev = events.next() => match ev {
+                // A pickup queues into incoming/, whose event follows.
+                Some(Ok(event)) if event.wd == maildrop => {
+                    tokio::task::block_in_place(|| pickup::pickup_all(&ctx));
+                }
                 Some(Ok(_)) => sched.take_incoming(),
                 Some(Err(e)) => anyhow::bail!("inotify: {e}"),
                 None => anyhow::bail!("inotify stream ended"),
