@@ -242,3 +242,34 @@ def test_every_reply_has_an_enhanced_code(mailsrv):
     # RFC 3463 2: the class of the enhanced code matches the reply code.
     mismatched = [line for line in lines if line[0] != line[4]]
     assert mismatched == [], mismatched
+
+
+def test_mail_loop_is_refused(make_mailsrv):
+    # RFC 5321 6.3: more Received: fields than smtpd.max_received_headers
+    # means a loop; refused at the end of DATA or BDAT, nothing queued.
+    srv = make_mailsrv(config={"smtpd.max_received_headers": 3})
+    srv.add_user(ALICE)
+
+    def with_hops(n: int, subject: str) -> bytes:
+        hops = "".join(f"Received: from hop{i}.test by hop{i + 1}.test; "
+                       f"Sat, 21 Nov 2026 12:00:0{i} +0000\r\n" for i in range(n))
+        body = "Received: in the body is not a hop\r\n" * 5
+        return hops.encode() + make_message(subject, body=body)
+
+    with srv.raw() as smtp:
+        start_transaction(smtp, ALICE)
+        smtp.check_reply(smtp.data(with_hops(3, "three hops")), 250, "2.0.0")
+        start_transaction(smtp, ALICE)
+        smtp.check_reply(smtp.data(with_hops(4, "looping")), 554, "5.4.6")
+        start_transaction(smtp, ALICE)
+        looping = with_hops(4, "looping in chunks")
+        smtp.send(f"BDAT {len(looping)} LAST\r\n".encode() + looping)
+        smtp.check_reply(smtp.read_reply(), 554, "5.4.6")
+        # The session goes on.
+        start_transaction(smtp, ALICE)
+        smtp.check_reply(smtp.data(with_hops(0, "no hops")), 250, "2.0.0")
+
+    paths = srv.wait_for_messages(ALICE, 2)
+    subjects = sorted(srv.read_message(p).split(b"Subject: ")[1].split(b"\n")[0] for p in paths)
+    assert subjects == [b"no hops", b"three hops"]
+    srv.wait_spool_empty()

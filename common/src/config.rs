@@ -201,6 +201,11 @@ pub struct SmtpdConfig {
     /// Seconds to wait for each block of message data (RFC 5321 4.5.3.2.6).
     #[serde(default = "default_data_timeout")]
     pub data_timeout: u64,
+    /// Most `Received:` fields a message may bring before it is refused as
+    /// looping (554 5.4.6; RFC 5321 6.3 asks for a threshold of at least
+    /// 100).
+    #[serde(default = "default_max_received_headers")]
+    pub max_received_headers: u32,
     /// Slowest message data accepted, in bytes a second: DATA, or a BDAT
     /// chunk, must end within `data_timeout` plus a second for every this
     /// many bytes received (Postfix's smtpd_min_data_rate).
@@ -255,6 +260,9 @@ fn default_max_errors() -> u32 {
 }
 fn default_shutdown_grace() -> u64 {
     10
+}
+fn default_max_received_headers() -> u32 {
+    100
 }
 fn default_min_data_rate() -> u64 {
     500
@@ -594,6 +602,10 @@ impl Config {
             ("smtpd.command_timeout", self.smtpd.command_timeout),
             ("smtpd.data_timeout", self.smtpd.data_timeout),
             ("smtpd.min_data_rate", self.smtpd.min_data_rate),
+            (
+                "smtpd.max_received_headers",
+                u64::from(self.smtpd.max_received_headers),
+            ),
             ("smtpd.session_timeout", self.smtpd.session_timeout),
         ];
         let access = &self.maildird.limits;

@@ -456,6 +456,9 @@ mod tests {
         std::fs::write(drop_dir.join(&complete), "x").unwrap();
         assert_eq!(spool.remove_orphans(3600).unwrap(), 0);
         assert_eq!(spool.remove_orphans(0).unwrap(), 2);
-        assert!(drop_dir.join(&complete).exists(), "a finished maildrop file is mail");
+        assert!(
+            drop_dir.join(&complete).exists(),
+            "a finished maildrop file is mail"
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! I/O loop around them. Commands are parsed by `smtp-proto`.
 
 pub mod data;
+pub mod hops;
 pub mod receive;
 pub mod reply;
 pub mod server;

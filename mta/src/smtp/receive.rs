@@ -9,6 +9,7 @@ use common::queue_id::new_queue_id;
 use common::spool::{is_disk_full, Envelope, Spool, SpoolError};
 use tokio::sync::{mpsc, oneshot};
 
+use super::hops::ReceivedCounter;
 use super::session::DataOutcome;
 
 /// Bytes gathered in memory before they are written to the data file.
@@ -23,11 +24,20 @@ pub struct MessageWriter {
     size: u64,
     max_size: u64,
     error: Option<std::io::Error>,
+    /// `Received:` fields the client's message brought.
+    hops: ReceivedCounter,
+    max_hops: u32,
 }
 
 impl MessageWriter {
     /// Start a new message with a fresh queue id.
-    pub async fn create(spool: &Spool, max_size: u64) -> Result<MessageWriter, SpoolError> {
+    /// Start a message that may bring at most `max_hops` `Received:`
+    /// fields of its own.
+    pub async fn create(
+        spool: &Spool,
+        max_size: u64,
+        max_hops: u32,
+    ) -> Result<MessageWriter, SpoolError> {
         let id = new_queue_id();
         let file = {
             let spool = spool.clone();
@@ -44,6 +54,8 @@ impl MessageWriter {
             size: 0,
             max_size,
             error: None,
+            hops: ReceivedCounter::default(),
+            max_hops,
         })
     }
 
@@ -61,7 +73,7 @@ impl MessageWriter {
     /// client's size limit (RFC 1870 concerns the client's message).
     pub async fn write_own_header(&mut self, header: &[u8]) {
         self.max_size += header.len() as u64;
-        self.write(header).await;
+        self.append(header).await;
     }
 
     /// Whether the message has grown past the size limit; from then on
@@ -70,8 +82,13 @@ impl MessageWriter {
         self.size > self.max_size
     }
 
-    /// Append message bytes.
+    /// Append the client's message bytes.
     pub async fn write(&mut self, bytes: &[u8]) {
+        self.hops.feed(bytes);
+        self.append(bytes).await;
+    }
+
+    async fn append(&mut self, bytes: &[u8]) {
         self.size += bytes.len() as u64;
         if self.too_big() || self.error.is_some() {
             return;
@@ -112,6 +129,10 @@ impl MessageWriter {
         if self.too_big() {
             self.discard();
             return DataOutcome::TooBig;
+        }
+        if self.hops.count() > self.max_hops {
+            self.discard();
+            return DataOutcome::Loop;
         }
         self.flush(true).await;
         if let Some(e) = self.error.take() {

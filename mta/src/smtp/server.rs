@@ -494,8 +494,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
     }
 
     async fn start_message(&mut self) -> Result<MessageWriter, DataOutcome> {
-        let max = self.settings.config.smtpd.max_message_size;
-        match MessageWriter::create(&self.server.spool, max).await {
+        let smtpd = &self.settings.config.smtpd;
+        let (max, hops) = (smtpd.max_message_size, smtpd.max_received_headers);
+        match MessageWriter::create(&self.server.spool, max, hops).await {
             Ok(mut w) => {
                 let header = self.received_header(w.id());
                 w.write_own_header(header.as_bytes()).await;

@@ -90,6 +90,8 @@ pub enum DataOutcome {
     Queued(String),
     /// More than `max_message_size` bytes.
     TooBig,
+    /// More `Received:` fields than `max_received_headers`: a mail loop.
+    Loop,
     /// The disk is full (ENOSPC/EDQUOT).
     DiskFull,
     /// Another local error; nothing was queued.
@@ -675,6 +677,8 @@ impl Session {
                 "Message size exceeds fixed maximum message size",
             ),
             DataOutcome::DiskFull => Reply::new(452, "4.3.1", "Insufficient system storage"),
+            // RFC 5321 6.3
+            DataOutcome::Loop => Reply::new(554, "5.4.6", "Too many hops: mail loop detected"),
             DataOutcome::LocalError => {
                 Reply::new(451, "4.3.0", "Local error in processing; try again later")
             }
