@@ -1,6 +1,7 @@
 """sendmail(1) and mailq(1): local programs queue mail through the
 maildrop, even while the daemons are down; qmgr picks it up."""
 
+import json
 import os
 import pwd
 import subprocess
@@ -96,3 +97,23 @@ def test_mailq_shows_deferred_mail_and_q_flushes(make_mailsrv):
     flushed = sendmail(srv, "-q", input=b"").stdout.decode()
     assert "1 message(s) queued for delivery now" in flushed, flushed
     wait_until(lambda: "deferred" in listed(), 15, "the flushed message deferred again")
+
+
+def test_cron_style_call_and_headerless_input(mailsrv):
+    srv = mailsrv
+    srv.add_user(ALICE)
+    # Debian's cron: sendmail -FCronDaemon -i -B8BITMIME -oem root; a bare
+    # name is qualified with the host name, as Postfix appends $myorigin.
+    sendmail(srv, "-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root",
+             input=b"Subject: cron output\n\nok\n")
+    wait_until(lambda: any(r["address"] == f"root@{srv.hostname}"
+                           for e in json.loads(srv.ctl("queue", "list", "--json").stdout)
+                           for r in e.get("recipients", [])),
+               15, "root@hostname in the queue")
+    # No header at all: ours go first, then the empty line, then the text.
+    sendmail(srv, ALICE, input=b"just a line of text\nand another\n")
+    [path] = srv.wait_for_messages(ALICE, 1, timeout=15)
+    content = path.read_bytes()
+    head, _, body = content.partition(b"\n\n")
+    assert body == b"just a line of text\nand another\n", content
+    assert header(content, "Date") and header(content, "From")

@@ -83,6 +83,8 @@ pub fn write(
     let done = dir.join(id);
     let result = (|| {
         let mut f = File::options().write(true).create_new(true).open(&tmp)?;
+        // Whatever the caller's umask: qmgr reads it through the group.
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o640))?;
         f.write_all(&encode_header(envelope))?;
         io::copy(message, &mut f)?;
         f.sync_all()?;

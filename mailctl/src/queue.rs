@@ -151,8 +151,14 @@ fn list(spool: &Spool, json: bool) -> anyhow::Result<()> {
     let mut bytes = 0;
     for e in &entries {
         let Some(env) = &e.envelope else {
+            // Maildrop files have their own format until qmgr picks them up.
+            let what = if e.state == QueueState::Maildrop {
+                "(from sendmail, waiting for qmgr)"
+            } else {
+                "(unreadable envelope)"
+            };
             println!(
-                "{:<16}  {:>9}  {:<19}  {:<8}  (unreadable envelope)",
+                "{:<16}  {:>9}  {:<19}  {:<8}  {what}",
                 e.id,
                 "-",
                 "-",

@@ -107,8 +107,13 @@ fn parse_args(args: &[String]) -> Result<Options, Failure> {
             // Error reporting, delivery mode, verbosity and other -o
             // options change nothing here (Postfix ignores them too).
             f if f.starts_with('o') || f.starts_with('d') || f == "v" || f == "n" => {}
+            // -B8BITMIME (Debian's cron gives it): the body type is found
+            // by looking at the message, not declared.
+            f if f.starts_with('B') => {
+                value(&f[1..], &mut rest, "B")?;
+            }
             f if f.starts_with('f') || f.starts_with('r') => {
-                o.sender = Some(value(&f[1..], &mut rest, "f")?);
+                o.sender = Some(value(&f[1..], &mut rest, &f[..1])?);
             }
             f if f.starts_with('F') => o.full_name = Some(value(&f[1..], &mut rest, "F")?),
             f if f.starts_with('C') => o.config = Some(value(&f[1..], &mut rest, "C")?.into()),
@@ -180,7 +185,8 @@ fn deliver(config: &Config, options: Options) -> Result<(), Failure> {
         recipients.extend(header_recipients(&header.bytes));
     }
     let ended = header.ended;
-    let recipients = checked_recipients(recipients)?;
+    let body_start = header.body_start;
+    let recipients = checked_recipients(recipients, &config.hostname)?;
     let full_name = options.full_name.clone().unwrap_or(gecos);
     let added = added_headers(&header.bytes, config, &own_address, &full_name);
     let id = new_queue_id();
@@ -198,7 +204,13 @@ fn deliver(config: &Config, options: Options) -> Result<(), Failure> {
         limit: config.smtpd.max_message_size,
     };
     let header = without_bcc(&header.bytes);
-    let mut message = added.as_bytes().chain(&header[..]).chain(&mut body);
+    // The limit is on the whole message, as smtpd's.
+    body.written = (added.len() + header.len() + body_start.len()) as u64;
+    let mut message = added
+        .as_bytes()
+        .chain(&header[..])
+        .chain(&body_start[..])
+        .chain(&mut body);
     let dir = common::spool::Spool::new(&config.paths.spool).dir(QueueState::Maildrop);
     match maildrop::write(&dir, &id, &envelope, &mut message) {
         Ok(_) => Ok(()),
@@ -229,7 +241,11 @@ fn write_failure(dir: &std::path::Path, e: std::io::Error) -> Failure {
 
 /// The header block as read from standard input.
 struct Header {
+    /// The header fields, and the empty line after them if there was one.
     bytes: Vec<u8>,
+    /// A first line that was not a header field: the body starts with it,
+    /// after the empty line added in front of it.
+    body_start: Vec<u8>,
     /// The input ended inside it (or at its single-dot line).
     ended: bool,
 }
@@ -244,15 +260,24 @@ fn read_header(input: &mut impl BufRead, ignore_dots: bool) -> Result<Header, Fa
             .map_err(|e| Failure(EX_DATAERR, format!("reading the message: {e}")))?;
         let line = &bytes[start..];
         if n == 0 {
-            return Ok(Header { bytes, ended: true });
+            return Ok(Header {
+                bytes,
+                body_start: Vec::new(),
+                ended: true,
+            });
         }
         if !ignore_dots && is_dot_line(line) {
             bytes.truncate(start);
-            return Ok(Header { bytes, ended: true });
+            return Ok(Header {
+                bytes,
+                body_start: Vec::new(),
+                ended: true,
+            });
         }
         if line == b"\n" || line == b"\r\n" {
             return Ok(Header {
                 bytes,
+                body_start: Vec::new(),
                 ended: false,
             });
         }
@@ -265,8 +290,12 @@ fn read_header(input: &mut impl BufRead, ignore_dots: bool) -> Result<Header, Fa
                 .all(|b| b.is_ascii_graphic())
                 && line.contains(&b':');
         if !is_field {
+            let mut body_start = b"\n".to_vec();
+            body_start.extend_from_slice(&bytes[start..]);
+            bytes.truncate(start);
             return Ok(Header {
                 bytes,
+                body_start,
                 ended: false,
             });
         }
@@ -299,12 +328,21 @@ fn header_recipients(header: &[u8]) -> Vec<String> {
     out
 }
 
-fn checked_recipients(recipients: Vec<String>) -> Result<Vec<String>, Failure> {
+/// The recipients, checked; a bare name (`root`, as cron gives it) is
+/// qualified with `hostname`, as Postfix appends $myorigin.
+fn checked_recipients(recipients: Vec<String>, hostname: &str) -> Result<Vec<String>, Failure> {
     let mut out: Vec<String> = Vec::new();
     for r in recipients {
         // Several addresses in one argument, as some programs pass them.
         for one in r.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let one = one.trim_matches(['<', '>']);
+            let qualified;
+            let one = if one.contains('@') {
+                one
+            } else {
+                qualified = format!("{one}@{hostname}");
+                &qualified
+            };
             let address = Address::parse(one)
                 .map_err(|e| Failure(EX_DATAERR, format!("recipient <{one}>: {e}")))?;
             if !out
@@ -367,7 +405,8 @@ fn without_bcc(header: &[u8]) -> Vec<u8> {
     for line in header.split_inclusive(|b| *b == b'\n') {
         let continuation = line.first().is_some_and(|b| *b == b' ' || *b == b'\t');
         if !continuation {
-            skipping = line.len() > 4 && line[..4].eq_ignore_ascii_case(b"bcc:");
+            let starts = |p: &[u8]| line.len() > p.len() && line[..p.len()].eq_ignore_ascii_case(p);
+            skipping = starts(b"bcc:") || starts(b"resent-bcc:");
         }
         if !skipping {
             out.extend_from_slice(line);
@@ -453,6 +492,10 @@ mod tests {
         let mut rest = Vec::new();
         body.read_to_end(&mut rest).unwrap();
         assert_eq!(rest, b"body\n");
+        let mut no_header = &b"just text\nmore\n"[..];
+        let h = read_header(&mut no_header, false).ok().unwrap();
+        assert!(h.bytes.is_empty());
+        assert_eq!(h.body_start, b"\njust text\n");
         let mut dotted = &b"Subject: y\n.\n"[..];
         let h = read_header(&mut dotted, false).ok().unwrap();
         assert!(h.ended);
@@ -478,12 +521,14 @@ mod tests {
             kept,
             "To: A <a@b.test>, c@d.test\nCc: e@f.test\nSubject: s\n\n"
         );
-        assert!(checked_recipients(vec![]).is_err());
+        assert!(checked_recipients(vec![], "h.test").is_err());
         assert_eq!(
-            checked_recipients(vec!["a@b.test, A@B.test".into()])
+            checked_recipients(vec!["a@b.test, A@B.test".into(), "root".into()], "h.test")
                 .ok()
                 .unwrap(),
-            ["a@b.test"]
+            ["a@b.test", "root@h.test"]
         );
+        let resent = without_bcc(b"Resent-Bcc: x@y.test\nSubject: s\n");
+        assert_eq!(resent, b"Subject: s\n");
     }
 }

@@ -25,17 +25,33 @@ pub fn pickup_all(ctx: &Context) {
     for id in ids {
         match pickup(ctx, &id) {
             Ok(()) => {}
-            Err(reason) => {
+            Err(Failed::Bad(reason)) => {
                 tracing::warn!("{id}: maildrop file set aside in corrupt/: {reason}");
                 let _ = ctx
                     .spool
                     .move_entry(&id, QueueState::Maildrop, QueueState::Corrupt);
             }
+            // Kept for the next pickup (next maildrop file, or restart).
+            Err(Failed::Local(reason)) => {
+                tracing::error!("{id}: cannot queue from the maildrop now: {reason}");
+            }
         }
     }
 }
 
-fn pickup(ctx: &Context, id: &str) -> Result<(), String> {
+/// Why a maildrop file was not queued.
+enum Failed {
+    /// The file itself is wrong: set it aside.
+    Bad(String),
+    /// We could not queue it (disk full, ...): try again later.
+    Local(String),
+}
+
+/// Room for the magic and envelope lines beyond the message itself.
+const ENVELOPE_ALLOWANCE: u64 = 2 << 20;
+
+fn pickup(ctx: &Context, id: &str) -> Result<(), Failed> {
+    let local = |e: &dyn std::fmt::Display| Failed::Local(e.to_string());
     let spool = &ctx.spool;
     let path = spool.envelope_path(QueueState::Maildrop, id);
     if spool.locate(id).is_some_and(|s| s != QueueState::Maildrop) {
@@ -44,30 +60,39 @@ fn pickup(ctx: &Context, id: &str) -> Result<(), String> {
         return Ok(());
     }
     let mut bytes = Vec::new();
-    let limit = ctx.max_message_size + 64 * 1024;
+    // sendmail applies max_message_size to the message; this bounds memory.
+    let limit = ctx.max_message_size + ENVELOPE_ALLOWANCE;
     std::fs::File::open(&path)
         .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Failed::Bad(e.to_string()))?;
     if bytes.len() as u64 > limit {
-        return Err(format!("larger than {} bytes", ctx.max_message_size));
+        return Err(Failed::Bad(format!(
+            "larger than {} bytes",
+            ctx.max_message_size
+        )));
     }
-    let (drop, message) = maildrop::decode(&bytes).map_err(|e| e.to_string())?;
-    let envelope = envelope(id, &drop)?;
+    let (drop, message) = maildrop::decode(&bytes).map_err(|e| Failed::Bad(e.to_string()))?;
+    let envelope = envelope(id, &drop).map_err(Failed::Bad)?;
     let data = crlf_message(&ctx.hostname, id, &drop, message);
     // A data file without an envelope is what a crash mid-pickup leaves.
     spool.discard(id);
-    let mut file = spool.create_data(id).map_err(|e| e.to_string())?;
-    file.write_all(&data)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| e.to_string())?;
+    let mut file = spool.create_data(id).map_err(|e| local(&e))?;
+    if let Err(e) = file.write_all(&data).and_then(|()| file.sync_all()) {
+        spool.discard(id);
+        return Err(local(&e));
+    }
     let envelope = Envelope {
         size: data.len() as u64,
         ..envelope
     };
-    spool
+    if let Err(e) = spool
         .commit(&envelope)
         .and_then(|()| spool.sync_new_entries())
-        .map_err(|e| e.to_string())?;
+    {
+        let _ = std::fs::remove_file(spool.envelope_path(QueueState::Incoming, id));
+        spool.discard(id);
+        return Err(local(&e));
+    }
     tracing::info!(
         "{id}: uid={}, from=<{}>, size={}, nrcpt={} (queued by sendmail)",
         drop.uid,
