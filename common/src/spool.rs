@@ -126,6 +126,18 @@ pub struct Recipient {
     /// The latest error, for `mailq` and bounces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// RFC 3461 NOTIFY; None when the client gave none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<Notify>,
+}
+
+/// Which delivery status notifications a recipient's sender asked for
+/// (RFC 3461 4.1); all false is NOTIFY=NEVER.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Notify {
+    pub success: bool,
+    pub failure: bool,
+    pub delay: bool,
 }
 
 impl Recipient {
@@ -138,7 +150,19 @@ impl Recipient {
             status: RecipientStatus::Unresolved,
             attempts: 0,
             last_error: None,
+            notify: None,
         }
+    }
+
+    /// Whether the sender is to be told that delivery failed (RFC 3461
+    /// 4.1: without NOTIFY, failures are reported).
+    pub fn wants_failure_report(&self) -> bool {
+        self.notify.is_none_or(|n| n.failure)
+    }
+
+    /// Whether the sender asked to be told of successful delivery.
+    pub fn wants_success_report(&self) -> bool {
+        self.notify.is_some_and(|n| n.success)
     }
 }
 

@@ -1,5 +1,7 @@
-//! Non-delivery reports (RFC 3464 multipart/report), queued like any
-//! other message with the null sender so they can never bounce in turn.
+//! Delivery status notifications (RFC 3464 multipart/report): failures,
+//! and successes a sender asked for with NOTIFY=SUCCESS (RFC 3461). They
+//! are queued like any other message, with the null sender so they can
+//! never bounce in turn.
 
 use std::io::{Read, Write};
 
@@ -8,22 +10,36 @@ use common::spool::{unix_now, ClientInfo, Envelope, EsmtpParams, Recipient, Spoo
 
 use super::Context;
 
-/// Most of the original message returned in a bounce.
+/// Most of the original header returned in a report.
 const RETURNED_HEADER_LIMIT: u64 = 64 * 1024;
 
-/// Queue a bounce to the sender of `env` about `failed`. Bounces of
-/// bounces (null sender) are dropped with a log line, as every MTA does.
-pub fn queue_bounce(
+/// Most of the original message returned with RET=FULL; past this only
+/// the header goes back.
+const RETURNED_MESSAGE_LIMIT: u64 = 10 * 1024 * 1024;
+
+/// What a report tells the sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    /// Delivery failed for good (a bounce).
+    Failed,
+    /// Delivered, as NOTIFY=SUCCESS asked.
+    Delivered,
+}
+
+/// Queue a report to the sender of `env` about `recipients`. Reports about
+/// reports (null sender) are dropped with a log line, as every MTA does.
+pub fn queue_report(
     ctx: &Context,
     env: &Envelope,
-    failed: &[&Recipient],
+    recipients: &[&Recipient],
+    kind: Report,
 ) -> Result<(), SpoolError> {
     if env.sender.is_empty() {
-        tracing::info!("{}: undeliverable bounce discarded", env.id);
+        tracing::info!("{}: report to the null sender discarded", env.id);
         return Ok(());
     }
     let id = new_queue_id();
-    let body = report(ctx, env, failed, &id);
+    let body = report(ctx, env, recipients, &id, kind);
     let spool = &ctx.spool;
     let path = spool.data_path(&id);
     let written = spool.create_data(&id).and_then(|mut f| {
@@ -60,33 +76,79 @@ pub fn queue_bounce(
         spool.discard(&id);
     }
     queued?;
-    tracing::info!("{}: sender non-delivery notification: {id}", env.id);
+    let what = match kind {
+        Report::Failed => "non-delivery",
+        Report::Delivered => "delivery",
+    };
+    tracing::info!("{}: sender {what} notification: {id}", env.id);
     Ok(())
 }
 
-fn report(ctx: &Context, env: &Envelope, failed: &[&Recipient], id: &str) -> Vec<u8> {
+fn report(
+    ctx: &Context,
+    env: &Envelope,
+    recipients: &[&Recipient],
+    id: &str,
+    kind: Report,
+) -> Vec<u8> {
     let boundary = format!("{id}/{}", ctx.hostname);
     let date = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc2822)
         .unwrap_or_default();
+    let (subject, intro, action) = match kind {
+        Report::Failed => (
+            "Undelivered Mail Returned to Sender",
+            "Your message could not be delivered to one or more recipients:",
+            "failed",
+        ),
+        Report::Delivered => (
+            "Successful Mail Delivery Report",
+            "Your message was delivered to the following recipients, as you asked:",
+            "delivered",
+        ),
+    };
     let mut human = String::new();
-    let mut machine = format!(
-        "Reporting-MTA: dns; {}\r\nX-Mailsrv-Queue-ID: {}\r\n",
-        ctx.hostname, env.id
-    );
-    for r in failed {
-        let reason = r.last_error.as_deref().unwrap_or("5.0.0 delivery failed");
-        let status = reason.split_whitespace().next().unwrap_or("5.0.0");
-        let original = r.original.as_deref().unwrap_or(&r.address);
-        human.push_str(&format!("<{original}>: {reason}\r\n"));
-        machine.push_str(&format!(
-            "\r\nFinal-Recipient: rfc822; {original}\r\nAction: failed\r\nStatus: {status}\r\nDiagnostic-Code: X-mailsrv; {reason}\r\n"
-        ));
+    // RFC 3464 2.2: per-message fields.
+    let mut machine = format!("Reporting-MTA: dns; {}\r\n", ctx.hostname);
+    if let Some(envid) = &env.params.envid {
+        machine.push_str(&format!("Original-Envelope-Id: {envid}\r\n"));
+    }
+    machine.push_str(&format!("X-Mailsrv-Queue-ID: {}\r\n", env.id));
+    for r in recipients {
+        let shown = r.original.as_deref().unwrap_or(&r.address);
+        // RFC 3464 2.3: per-recipient fields.
+        machine.push_str("\r\n");
+        if let Some(orcpt) = &r.orcpt {
+            // smtp-proto keeps the address of ORCPT=rfc822;addr without its
+            // type; the field needs both (RFC 3464 2.3.1).
+            let typed = if orcpt.contains(';') {
+                orcpt.clone()
+            } else {
+                format!("rfc822;{orcpt}")
+            };
+            machine.push_str(&format!("Original-Recipient: {typed}\r\n"));
+        }
+        match kind {
+            Report::Failed => {
+                let reason = r.last_error.as_deref().unwrap_or("5.0.0 delivery failed");
+                let status = reason.split_whitespace().next().unwrap_or("5.0.0");
+                human.push_str(&format!("<{shown}>: {reason}\r\n"));
+                machine.push_str(&format!(
+                    "Final-Recipient: rfc822; {shown}\r\nAction: {action}\r\nStatus: {status}\r\nDiagnostic-Code: X-mailsrv; {reason}\r\n"
+                ));
+            }
+            Report::Delivered => {
+                human.push_str(&format!("<{shown}>: delivered to mailbox\r\n"));
+                machine.push_str(&format!(
+                    "Final-Recipient: rfc822; {shown}\r\nAction: {action}\r\nStatus: 2.0.0\r\n"
+                ));
+            }
+        }
     }
     let mut out = format!(
         "From: Mail Delivery System <MAILER-DAEMON@{host}>\r\n\
          To: <{to}>\r\n\
-         Subject: Undelivered Mail Returned to Sender\r\n\
+         Subject: {subject}\r\n\
          Date: {date}\r\n\
          Message-ID: <{id}@{host}>\r\n\
          Auto-Submitted: auto-replied\r\n\
@@ -98,7 +160,7 @@ fn report(ctx: &Context, env: &Envelope, failed: &[&Recipient], id: &str) -> Vec
          \r\n\
          This is the mail system at host {host}.\r\n\
          \r\n\
-         Your message could not be delivered to one or more recipients:\r\n\
+         {intro}\r\n\
          \r\n\
          {human}\
          \r\n\
@@ -106,17 +168,40 @@ fn report(ctx: &Context, env: &Envelope, failed: &[&Recipient], id: &str) -> Vec
          Content-Type: message/delivery-status\r\n\
          \r\n\
          {machine}\
-         \r\n\
-         --{boundary}\r\n\
-         Content-Type: text/rfc822-headers\r\n\
          \r\n",
         host = ctx.hostname,
         to = env.sender,
     )
     .into_bytes();
-    out.extend_from_slice(&original_headers(ctx, &env.id));
+    // RFC 3461 4.3: RET=FULL asks for the whole message back with a
+    // failure report; otherwise (and for successes) the header only.
+    let full = kind == Report::Failed && env.params.ret.as_deref() == Some("FULL");
+    match full.then(|| whole_message(ctx, &env.id)).flatten() {
+        Some(message) => {
+            out.extend_from_slice(
+                format!("--{boundary}\r\nContent-Type: message/rfc822\r\n\r\n").as_bytes(),
+            );
+            out.extend_from_slice(&message);
+        }
+        None => {
+            out.extend_from_slice(
+                format!("--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n").as_bytes(),
+            );
+            out.extend_from_slice(&original_headers(ctx, &env.id));
+        }
+    }
     out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     out
+}
+
+/// The original message when it is small enough to return whole.
+fn whole_message(ctx: &Context, id: &str) -> Option<Vec<u8>> {
+    let mut message = Vec::new();
+    let f = std::fs::File::open(ctx.spool.data_path(id)).ok()?;
+    f.take(RETURNED_MESSAGE_LIMIT + 1)
+        .read_to_end(&mut message)
+        .ok()?;
+    (message.len() as u64 <= RETURNED_MESSAGE_LIMIT).then_some(message)
 }
 
 /// The header section of the original message (bounded).

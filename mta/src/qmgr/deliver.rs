@@ -14,7 +14,7 @@ use common::spool::{
 };
 use common::userdb::maildir_path;
 
-use super::bounce;
+use super::bounce::{self, Report};
 use super::Context;
 
 /// What became of the entry after a pass.
@@ -50,21 +50,39 @@ pub fn run_pass(ctx: &Context, id: &str) -> PassResult {
         tracing::error!("keeping previous tables: {e}");
     }
     expand_recipients(&mut env, &dir);
-    for rcpt in env.recipients.iter_mut() {
+    let mut delivered_now = Vec::new();
+    for (i, rcpt) in env.recipients.iter_mut().enumerate() {
         if rcpt.status == RecipientStatus::Pending {
             deliver_one(ctx, &dir, &env.id, &env.sender, rcpt);
+            if rcpt.status == RecipientStatus::Delivered && rcpt.wants_success_report() {
+                delivered_now.push(i);
+            }
+        }
+    }
+    if !delivered_now.is_empty() {
+        let delivered: Vec<&Recipient> =
+            delivered_now.iter().map(|i| &env.recipients[*i]).collect();
+        // RFC 3461 5.2.2: best effort; the mail itself is delivered.
+        if let Err(e) = bounce::queue_report(ctx, &env, &delivered, Report::Delivered) {
+            tracing::error!("{id}: cannot queue the success notification: {e}");
         }
     }
     let failed: Vec<&Recipient> = env
         .recipients
         .iter()
-        .filter(|r| r.status == RecipientStatus::Failed)
+        .filter(|r| r.status == RecipientStatus::Failed && r.wants_failure_report())
         .collect();
     if !failed.is_empty() {
-        if let Err(e) = bounce::queue_bounce(ctx, &env, &failed) {
+        if let Err(e) = bounce::queue_report(ctx, &env, &failed, Report::Failed) {
             tracing::error!("{id}: cannot queue bounce, will retry: {e}");
             return defer(ctx, env);
         }
+    }
+    if env
+        .recipients
+        .iter()
+        .any(|r| r.status == RecipientStatus::Failed)
+    {
         // The bounce now carries these; they are done.
         for r in env.recipients.iter_mut() {
             if r.status == RecipientStatus::Failed {
@@ -126,6 +144,7 @@ fn expand_recipients(env: &mut Envelope, dir: &Directory) {
                             status: RecipientStatus::Pending,
                             attempts: 0,
                             last_error: None,
+                            notify: r.notify,
                         });
                     }
                 }

@@ -9,7 +9,7 @@ use common::address::Address;
 use common::config::IpNet;
 use common::login::LoginError;
 use common::recipients::{Directory, ResolveError};
-use common::spool::{EsmtpParams, Recipient};
+use common::spool::{EsmtpParams, Notify, Recipient};
 use common::tls::TlsSummary;
 use smtp_proto::{Error as ParseError, Request};
 
@@ -395,6 +395,7 @@ impl Session {
             "ENHANCEDSTATUSCODES".into(),
             "SMTPUTF8".into(),
             "CHUNKING".into(),
+            "DSN".into(),
             "HELP".into(),
         ];
         if self.tls.is_none() {
@@ -549,13 +550,21 @@ impl Session {
         } else {
             None
         };
+        // RFC 3461 4.3, 4.4
+        let ret = if from.flags & smtp_proto::MAIL_RET_FULL != 0 {
+            Some("FULL".to_string())
+        } else if from.flags & smtp_proto::MAIL_RET_HDRS != 0 {
+            Some("HDRS".to_string())
+        } else {
+            None
+        };
         self.tx = Some(Transaction {
             sender: from.address,
             params: EsmtpParams {
                 body,
                 smtputf8,
-                envid: None,
-                ret: None,
+                envid: from.env_id,
+                ret,
             },
             recipients: Vec::new(),
             in_bdat: false,
@@ -620,8 +629,9 @@ impl Session {
             .iter()
             .any(|r| r.address == address.to_string())
         {
-            tx.recipients
-                .push(Recipient::new(address.to_string(), to.orcpt));
+            let mut recipient = Recipient::new(address.to_string(), to.orcpt);
+            recipient.notify = notify(to.flags);
+            tx.recipients.push(recipient);
         }
         reply(250, "2.1.5", "Ok")
     }
@@ -693,6 +703,19 @@ impl Session {
 
 fn reply(code: u16, enhanced: &'static str, text: impl Into<String>) -> Action {
     Action::Reply(Reply::new(code, enhanced, text))
+}
+
+/// RFC 3461 4.1 NOTIFY from smtp-proto's flags; None when not given.
+fn notify(flags: u64) -> Option<Notify> {
+    let given = smtp_proto::RCPT_NOTIFY_SUCCESS
+        | smtp_proto::RCPT_NOTIFY_FAILURE
+        | smtp_proto::RCPT_NOTIFY_DELAY
+        | smtp_proto::RCPT_NOTIFY_NEVER;
+    (flags & given != 0).then_some(Notify {
+        success: flags & smtp_proto::RCPT_NOTIFY_SUCCESS != 0,
+        failure: flags & smtp_proto::RCPT_NOTIFY_FAILURE != 0,
+        delay: flags & smtp_proto::RCPT_NOTIFY_DELAY != 0,
+    })
 }
 
 fn login_password(user: String, decoded: Vec<u8>) -> Action {
@@ -949,6 +972,40 @@ mod tests {
         );
         run(&mut s, &d, "RSET");
         assert_eq!(code(&run(&mut s, &d, "MAIL FROM:<>")), (250, "2.1.0"));
+    }
+
+    #[test]
+    fn dsn_parameters_are_kept() {
+        let (_t, d) = directory();
+        let mut s = session(&[]);
+        let Action::Reply(ehlo) = run(&mut s, &d, "EHLO c.test") else {
+            panic!()
+        };
+        assert!(ehlo.lines.contains(&"DSN".to_string()));
+        run(&mut s, &d, "MAIL FROM:<x@y.test> RET=HDRS ENVID=QQ314159");
+        run(
+            &mut s,
+            &d,
+            "RCPT TO:<alice@a.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;Alice@a.test",
+        );
+        run(&mut s, &d, "RCPT TO:<alice+x@a.test>");
+        let tx = s.transaction().unwrap();
+        assert_eq!(tx.params.ret.as_deref(), Some("HDRS"));
+        assert_eq!(tx.params.envid.as_deref(), Some("QQ314159"));
+        let [first, second] = tx.recipients.as_slice() else {
+            panic!("{:?}", tx.recipients)
+        };
+        assert_eq!(
+            first.notify,
+            Some(Notify {
+                success: true,
+                failure: false,
+                delay: true
+            })
+        );
+        assert!(first.wants_success_report() && !first.wants_failure_report());
+        assert_eq!(second.notify, None);
+        assert!(second.wants_failure_report() && !second.wants_success_report());
     }
 
     #[test]
