@@ -98,3 +98,23 @@ def test_ret_hdrs_returns_the_header_only(make_mailsrv):
     [headers] = [p for p in report.walk() if p.get_content_type() == "text/rfc822-headers"]
     assert "Subject: headers only" in headers.get_payload()
     assert b"the body of headers only" not in path.read_bytes()
+
+
+def test_queue_lifetime_expiry_returns_the_message(make_mailsrv):
+    # Mail to another domain waits in the queue (no remote delivery yet);
+    # past qmgr.max_queue_lifetime it goes back to the sender.
+    srv = make_mailsrv(users=[BOB], config={
+        "qmgr.max_queue_lifetime": 2, "qmgr.min_backoff": 1, "qmgr.max_backoff": 1,
+        "smtpd.relay_networks": ["127.0.0.0/8"]})
+    far = "someone@far.example"
+    with srv.raw() as smtp:
+        smtp.ehlo()
+        smtp.expect(f"MAIL FROM:<{BOB}>", 250)
+        smtp.expect(f"RCPT TO:<{far}>", 250)
+        smtp.check_reply(smtp.data(b"Subject: too slow\r\n\r\nbody\r\n"), 250)
+    [path] = srv.wait_for_messages(BOB, 1, timeout=20)
+    report, fields = report_fields(path.read_bytes())
+    assert fields["action"] == "failed" and fields["status"] == "4.4.7", fields
+    assert fields["final-recipient"] == f"rfc822; {far}", fields
+    assert "remote delivery is not available" in fields["diagnostic-code"], fields
+    srv.wait_spool_empty()

@@ -287,6 +287,11 @@ pub struct QmgrConfig {
     /// Longest retry delay, in seconds.
     #[serde(default = "default_max_backoff")]
     pub max_backoff: u64,
+    /// Seconds a message may wait in the queue; then what is still
+    /// undelivered is returned to the sender (Postfix's
+    /// maximal_queue_lifetime, 5 days).
+    #[serde(default = "default_max_queue_lifetime")]
+    pub max_queue_lifetime: u64,
 }
 
 impl Default for QmgrConfig {
@@ -295,6 +300,7 @@ impl Default for QmgrConfig {
             delivery_concurrency: default_delivery_concurrency(),
             min_backoff: default_min_backoff(),
             max_backoff: default_max_backoff(),
+            max_queue_lifetime: default_max_queue_lifetime(),
         }
     }
 }
@@ -304,6 +310,9 @@ fn default_delivery_concurrency() -> usize {
 }
 fn default_min_backoff() -> u64 {
     300
+}
+fn default_max_queue_lifetime() -> u64 {
+    5 * 24 * 3600
 }
 fn default_max_backoff() -> u64 {
     4000
@@ -639,6 +648,9 @@ impl Config {
         }
         if let Some((key, _)) = at_least_one.into_iter().find(|(_, v)| *v == 0) {
             return fail(key, "must be at least 1");
+        }
+        if self.qmgr.max_queue_lifetime == 0 {
+            return fail("qmgr.max_queue_lifetime", "must be at least 1");
         }
         if self.qmgr.delivery_concurrency == 0 {
             return fail("qmgr.delivery_concurrency", "must be at least 1");

@@ -59,6 +59,7 @@ pub fn run_pass(ctx: &Context, id: &str) -> PassResult {
             }
         }
     }
+    expire(ctx, &mut env);
     if !delivered_now.is_empty() {
         let delivered: Vec<&Recipient> =
             delivered_now.iter().map(|i| &env.recipients[*i]).collect();
@@ -226,6 +227,33 @@ fn deliver_local(
 }
 
 /// Record the pass and park the entry in `deferred/`.
+/// Past the queue lifetime, what is still undelivered fails, with the
+/// last temporary error kept as the reason (RFC 3463 X.4.7, "delivery
+/// time expired").
+fn expire(ctx: &Context, env: &mut Envelope) {
+    if unix_now() < env.arrival.saturating_add(ctx.max_queue_lifetime) {
+        return;
+    }
+    for r in env.recipients.iter_mut() {
+        if r.status == RecipientStatus::Pending {
+            let last = r
+                .last_error
+                .as_deref()
+                .unwrap_or("no delivery attempt succeeded");
+            tracing::info!(
+                "{}: to=<{}>, status=expired, returned to sender ({last})",
+                env.id,
+                r.address
+            );
+            r.last_error = Some(format!(
+                "4.4.7 message expired after {} seconds in the queue; last error: {last}",
+                ctx.max_queue_lifetime
+            ));
+            r.status = RecipientStatus::Failed;
+        }
+    }
+}
+
 fn defer(ctx: &Context, mut env: Envelope) -> PassResult {
     env.attempts += 1;
     env.next_try = unix_now() + ctx.backoff(env.attempts);

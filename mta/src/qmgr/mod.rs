@@ -32,6 +32,8 @@ pub struct Context {
     pub max_backoff: u64,
     /// Largest message taken from the maildrop.
     pub max_message_size: u64,
+    /// Seconds a message may stay queued before it is returned.
+    pub max_queue_lifetime: u64,
 }
 
 impl Context {
@@ -45,6 +47,7 @@ impl Context {
             min_backoff: config.qmgr.min_backoff,
             max_backoff: config.qmgr.max_backoff,
             max_message_size: config.smtpd.max_message_size,
+            max_queue_lifetime: config.qmgr.max_queue_lifetime,
         })
     }
 
