@@ -291,3 +291,49 @@ def test_renewed_root_only_key_reaches_the_unprivileged_daemons(make_mailsrv):
     wait_until(renewed, 10, "the renewed certificate on SMTPS and IMAPS", interval=0.2)
     assert after["smtps"] == after["imaps"]
     assert "reload failed" not in srv.log_tail(), srv.log_tail()
+
+
+def test_root_mailctl_never_follows_links_in_the_mail_store(make_mailsrv, tmp_path):
+    """The store user (a broken-into maildird) controls the mail root;
+    `mailctl user add` run as root must not chown or create through a
+    link it planted there."""
+    srv = make_mailsrv(privileged=True, start=False)
+    target = tmp_path / "root-owned"
+    target.mkdir(mode=0o755)
+    (target / "keep").write_text("root's file\n")
+    srv.add_domain("evil.test")
+    domain_dir = srv.mail_root / "evil.test"
+    domain_dir.rmdir()
+    domain_dir.symlink_to(target)
+
+    result = srv.add_user("bob@evil.test", check=False)
+    assert result.returncode != 0, "a Maildir was made through the link"
+    stat = target.stat()
+    assert (stat.st_uid, stat.st_gid) == (0, 0), "mailctl chowned the link's target"
+    assert sorted(p.name for p in target.iterdir()) == ["keep"], list(target.iterdir())
+
+
+def test_spool_links_and_fifos_are_refused(make_mailsrv):
+    """smtpd's user can write the spool: a message file that is a link
+    (to a Maildir file) is never delivered, and a FIFO in the maildrop does
+    not stop qmgr."""
+    srv = make_mailsrv(privileged=True, users=[ALICE, BOB])
+    secret = srv.mail_root / "example.test" / "alice" / "cur" / "secret:2,S"
+    secret.write_text("Subject: alice's secret\n\nnot for bob\n")
+    spool = srv.spool_dir
+    link_id, fifo_id = "1AAAAAAAAAAAAAAA", "1BBBBBBBBBBBBBBB"
+    envelope = {"id": link_id, "sender": "x@far.example", "arrival": 0, "size": 1,
+                "recipients": [{"address": BOB, "status": "unresolved"}]}
+    (spool / "data" / link_id).symlink_to(secret)
+    (spool / "tmp" / f"{link_id}.env").write_text(json.dumps(envelope))
+    os.mkfifo(spool / "maildrop" / f"{fifo_id}.tmp")
+    os.rename(spool / "maildrop" / f"{fifo_id}.tmp", spool / "maildrop" / fifo_id)
+    os.rename(spool / "tmp" / f"{link_id}.env", spool / "incoming" / link_id)
+
+    # qmgr still works: ordinary mail is delivered.
+    with smtplib.SMTP(LOCALHOST, srv.smtp_port, timeout=10) as smtp:
+        smtp.sendmail("x@far.example", [ALICE], make_message("after the traps", to=ALICE))
+    srv.wait_for_messages(ALICE, 1, timeout=15)
+    wait_until(lambda: (spool / "corrupt" / link_id).exists(), 15, "the linked entry set aside")
+    wait_until(lambda: (spool / "corrupt" / fifo_id).exists(), 15, "the FIFO set aside")
+    assert srv.messages(BOB) == [], "a message file that is a link was delivered"

@@ -9,19 +9,25 @@ use crate::address::Address;
 use crate::recipients::DirectoryCache;
 use crate::throttle::AuthThrottle;
 
-/// The failure counters of one daemon.
+/// The failure counters of one daemon, and the bound on password checks
+/// running at once.
 pub struct LoginThrottle {
     clients: AuthThrottle<IpAddr>,
     accounts: AuthThrottle<String>,
+    /// Each Argon2 check takes ~19 MiB and a core for tens of
+    /// milliseconds: more at once than cores only queue in memory.
+    checks: tokio::sync::Semaphore,
 }
 
 impl LoginThrottle {
     /// Refuse logins from a client address after `per_client` failures, and
     /// for an account after `per_account` failures, within `window`.
     pub fn new(per_client: u32, per_account: u32, window: Duration) -> LoginThrottle {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         LoginThrottle {
             clients: AuthThrottle::new(per_client, window),
             accounts: AuthThrottle::new(per_account, window),
+            checks: tokio::sync::Semaphore::new(cores * 2),
         }
     }
 }
@@ -48,6 +54,7 @@ pub async fn check_password(
 ) -> Result<Address, LoginError> {
     let shown = loggable(user);
     let account = user.to_lowercase();
+    let ip = client_key(ip);
     if throttle.clients.is_blocked(&ip) || throttle.accounts.is_blocked(&account) {
         tracing::warn!("{protocol} login refused (too many failures): user=<{shown}>, rip={ip}");
         return Err(LoginError::Throttled);
@@ -57,6 +64,7 @@ pub async fn check_password(
         tracing::error!("keeping previous tables: {e}");
     }
     let name = user.to_string();
+    let _permit = throttle.checks.acquire().await;
     // Argon2 is slow on purpose: off the async threads.
     let ok = tokio::task::spawn_blocking(move || dir.users.authenticate(&name, &password))
         .await
@@ -70,6 +78,18 @@ pub async fn check_password(
             tracing::warn!("{protocol} authentication failed: user=<{shown}>, rip={ip}");
             Err(LoginError::Failed)
         }
+    }
+}
+
+/// The address failures are counted under: an IPv6 client by its /64,
+/// which one host usually has whole.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let net = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(net.into())
+        }
+        other => other,
     }
 }
 
@@ -91,6 +111,17 @@ pub fn loggable(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_clients_count_by_their_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_key(a), client_key(b));
+        assert_ne!(client_key(a), client_key(c));
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(client_key(v4), v4);
+    }
 
     #[test]
     fn log_lines_cannot_be_forged() {

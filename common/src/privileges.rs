@@ -40,6 +40,8 @@ pub enum PrivilegeError {
     },
     #[error("privileges: root could be regained after dropping it")]
     Regained,
+    #[error("privileges: {0}")]
+    NotSeparate(String),
 }
 
 /// Who a role runs as.
@@ -99,6 +101,25 @@ pub fn identity(privileges: &PrivilegesConfig, role: Role) -> Result<Identity, P
     })
 }
 
+/// Check that the spool and store users really are apart: different uids,
+/// different primary groups, neither group root's (else smtpd could reach
+/// the Maildirs through a shared id).
+pub fn check_separation(privileges: &PrivilegesConfig) -> Result<(), PrivilegeError> {
+    let (spool_uid, spool_gid) = user(&privileges.spool_user)?;
+    let (store_uid, store_gid) = user(&privileges.store_user)?;
+    let apart = |m: &str| Err(PrivilegeError::NotSeparate(m.to_string()));
+    if spool_uid == store_uid {
+        return apart("spool_user and store_user have the same uid");
+    }
+    if spool_gid == store_gid {
+        return apart("spool_user and store_user have the same primary group");
+    }
+    if spool_gid.as_raw() == 0 || store_gid.as_raw() == 0 {
+        return apart("spool_user and store_user must not have group root");
+    }
+    Ok(())
+}
+
 /// Become `role`'s user when running as root with `[privileges]` set; the
 /// identity taken, or None when nothing changed (not root, or no
 /// `[privileges]`: then everything runs as the invoking user).
@@ -110,6 +131,7 @@ pub fn drop_privileges(config: &Config, role: Role) -> Result<Option<Identity>, 
         tracing::warn!("running as root: the config has no [privileges] section");
         return Ok(None);
     };
+    check_separation(privileges)?;
     let id = identity(privileges, role)?;
     become_identity(&id)?;
     tracing::info!("running as {} (uid {}, gid {})", id.user, id.uid, id.gid);

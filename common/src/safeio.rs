@@ -44,6 +44,24 @@ pub fn write_atomic_mode(path: &Path, contents: &[u8], mode: u32) -> io::Result<
     result
 }
 
+/// Open `path` for reading only if it is a regular file, without following
+/// a symlink and without waiting on a FIFO: for files in directories that a
+/// less trusted user can write (the spool, the maildrop).
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
 /// fsync the directory that holds `path`, so a rename or unlink in it is
 /// durable.
 pub fn sync_parent(path: &Path) -> io::Result<()> {
@@ -135,6 +153,20 @@ mod tests {
         write_atomic_mode(&p, b"two", 0o600).unwrap();
         let mode = std::fs::metadata(&p).unwrap().permissions().mode();
         assert_eq!(mode & 0o7777, 0o640);
+    }
+
+    #[test]
+    fn open_regular_refuses_links_and_fifos() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        assert!(open_regular(&file).is_ok());
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(open_regular(&link).is_err());
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(open_regular(&fifo).is_err());
     }
 
     #[test]

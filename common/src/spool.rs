@@ -22,6 +22,9 @@ use serde::{Deserialize, Serialize};
 use crate::queue_id::is_queue_id;
 use crate::safeio;
 
+/// Largest envelope read (a JSON file of a few hundred bytes a recipient).
+const MAX_ENVELOPE: u64 = 64 << 20;
+
 /// The queue states, one directory each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QueueState {
@@ -333,10 +336,22 @@ impl Spool {
         Ok(())
     }
 
+    /// The message file of `id`, opened for reading (a regular file only:
+    /// smtpd's user can write `data/`).
+    pub fn open_data(&self, id: &str) -> Result<File, SpoolError> {
+        let path = self.data_path(id);
+        safeio::open_regular(&path).map_err(io_err(&path))
+    }
+
     /// Read the envelope of `id` in `state`.
     pub fn read_envelope(&self, state: QueueState, id: &str) -> Result<Envelope, SpoolError> {
         let path = self.envelope_path(state, id);
-        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+        let mut bytes = Vec::new();
+        safeio::open_regular(&path)
+            .and_then(|f| {
+                std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_ENVELOPE), &mut bytes)
+            })
+            .map_err(io_err(&path))?;
         serde_json::from_slice(&bytes).map_err(|source| SpoolError::BadEnvelope { path, source })
     }
 

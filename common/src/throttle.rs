@@ -50,6 +50,11 @@ impl<K: Hash + Eq + Clone> AuthThrottle<K> {
                 prune(times, now, self.window);
                 !times.is_empty()
             });
+            if map.len() >= MAX_TRACKED {
+                // Memory stays bounded: a new key is not tracked until
+                // older ones leave the window.
+                return;
+            }
         }
         let times = map.entry(key.clone()).or_default();
         prune(times, now, self.window);

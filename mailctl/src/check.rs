@@ -5,7 +5,7 @@ use std::path::Path;
 use common::aliases::Aliases;
 use common::config::Config;
 use common::domains::Domains;
-use common::privileges::{identity, Role};
+use common::privileges::{check_separation, identity, Role};
 use common::userdb::UserDb;
 
 /// Validate the config file and every table it names; the first error is
@@ -44,6 +44,7 @@ pub fn startable(config: &Config) -> anyhow::Result<()> {
         for role in [Role::Smtpd, Role::Qmgr, Role::Maildird] {
             identity(p, role)?;
         }
+        check_separation(p)?;
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use std::io::Read;
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use common::config::Config;
+use common::queue_id::is_queue_id;
 use common::spool::{Envelope, QueueState, RecipientStatus, Spool};
 
 /// Most header bytes `show` prints.
@@ -72,6 +73,19 @@ const LISTED: [QueueState; 6] = [
 /// Run a queue command.
 pub fn queue(config: &Config, cmd: QueueCommand) -> anyhow::Result<()> {
     let spool = Spool::new(&config.paths.spool);
+    // Ids become paths: only queue ids.
+    let named: &[String] = match &cmd {
+        QueueCommand::Show { id } => std::slice::from_ref(id),
+        QueueCommand::Flush { ids }
+        | QueueCommand::Delete { ids, .. }
+        | QueueCommand::Hold { ids }
+        | QueueCommand::Release { ids }
+        | QueueCommand::Requeue { ids } => ids,
+        QueueCommand::List { .. } => &[],
+    };
+    if let Some(bad) = named.iter().find(|id| !is_queue_id(id)) {
+        bail!("`{bad}` is not a queue id (16 letters and digits, as `mailctl queue list` shows)");
+    }
     match cmd {
         QueueCommand::List { json } => list(&spool, json),
         QueueCommand::Show { id } => show(&spool, &id),
@@ -237,17 +251,30 @@ fn show(spool: &Spool, id: &str) -> anyhow::Result<()> {
     println!("state: {}", state_name(state));
     println!("{}", serde_json::to_string_pretty(&envelope)?);
     println!();
-    let path = spool.data_path(id);
     let mut head = Vec::new();
-    std::fs::File::open(&path)
-        .and_then(|f| f.take(MAX_SHOWN_HEADER).read_to_end(&mut head))
-        .with_context(|| format!("reading {}", path.display()))?;
+    spool
+        .open_data(id)?
+        .take(MAX_SHOWN_HEADER)
+        .read_to_end(&mut head)
+        .with_context(|| format!("reading the message of {id}"))?;
     let end = head
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .map(|i| i + 2)
         .unwrap_or(head.len());
-    print!("{}", String::from_utf8_lossy(&head[..end]));
+    // The header comes from the internet: no control sequences reach the
+    // admin's terminal.
+    let shown: String = String::from_utf8_lossy(&head[..end])
+        .chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect();
+    print!("{shown}");
     Ok(())
 }
 

@@ -17,7 +17,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 use common::config::{Config, PrivilegesConfig};
-use common::privileges::{group, user};
+use common::privileges::{drop_privileges, group, user, Role};
 use nix::unistd::{Gid, Uid};
 
 /// Whether this process is root, and so may make users and change owners.
@@ -85,33 +85,51 @@ pub fn apply_ownership(config: &Config, config_path: &Path) -> anyhow::Result<()
     set_tree(&paths.spool, spool_uid, spool_gid, Some(0o2770))?;
     std::fs::create_dir_all(&paths.mail_root)
         .with_context(|| format!("creating {}", paths.mail_root.display()))?;
-    give_to_store(config, &paths.mail_root)?;
-    // smtpd must not get through to any Maildir.
-    std::fs::set_permissions(&paths.mail_root, std::fs::Permissions::from_mode(0o770))
-        .with_context(|| format!("chmod {}", paths.mail_root.display()))?;
+    let (store_uid, store_gid) = user(&p.store_user)?;
+    // A new installation: nothing in it yet that another user could have
+    // replaced. smtpd must not get through to any Maildir.
+    set_tree(&paths.mail_root, store_uid, store_gid, Some(0o770))?;
     for dir in [&paths.spool, &paths.mail_root, &paths.users] {
         reachable(dir)?;
     }
     Ok(())
 }
 
-/// Hand `path` (in the mail root) and everything under it, and the
-/// directories between it and the mail root, to the mail-store user, when
-/// root made them for an installation that drops privileges.
-pub fn give_to_store(config: &Config, path: &Path) -> anyhow::Result<()> {
-    let Some(p) = config.privileges.as_ref().filter(|_| is_root()) else {
-        return Ok(());
-    };
-    let (uid, gid) = user(&p.store_user)?;
-    let between = path
-        .ancestors()
-        .skip(1)
-        .take_while(|d| d.starts_with(&config.paths.mail_root) && *d != config.paths.mail_root);
-    for dir in between {
-        std::os::unix::fs::chown(dir, Some(uid.as_raw()), Some(gid.as_raw()))
-            .with_context(|| format!("chown {}", dir.display()))?;
+/// Run `work` as the mail-store user when root runs mailctl on an
+/// installation that drops privileges: in a child process that has become
+/// that user, so what it makes belongs to the store user without a chown,
+/// and no path in the store (which that user controls) is ever followed
+/// as root. Otherwise `work` runs here.
+pub fn as_store_user(
+    config: &Config,
+    work: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::unistd::{fork, ForkResult};
+    if config.privileges.is_none() || !is_root() {
+        return work();
     }
-    set_tree(path, uid, gid, None)
+    // SAFETY: mailctl is single-threaded here; the child only drops its
+    // privileges, runs `work` and exits.
+    match unsafe { fork() }.context("fork")? {
+        ForkResult::Child => {
+            let result = drop_privileges(config, Role::Maildird)
+                .map_err(anyhow::Error::from)
+                .and_then(|_| work());
+            let code = match result {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("mailctl: {e:#}");
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+        ForkResult::Parent { child } => match waitpid(child, None).context("waitpid")? {
+            WaitStatus::Exited(_, 0) => Ok(()),
+            other => bail!("the work done as the mail-store user failed ({other:?})"),
+        },
+    }
 }
 
 fn set(path: &Path, uid: Uid, gid: Gid, mode: u32) -> anyhow::Result<()> {

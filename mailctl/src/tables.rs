@@ -78,8 +78,9 @@ pub fn user(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
             let password = read_password(&format!("Password for {address}: "))?;
             UserDb::add(path, &address, &password)?;
             let maildir = maildir_path(&config.paths.mail_root, &address)?;
-            create_mailbox(&maildir).with_context(|| format!("creating {}", maildir.display()))?;
-            crate::system::give_to_store(config, &maildir)?;
+            crate::system::as_store_user(config, || {
+                create_mailbox(&maildir).with_context(|| format!("creating {}", maildir.display()))
+            })?;
             println!("added {} (Maildir {})", address.key(), maildir.display());
         }
         UserCommand::Del { address } => {
@@ -144,9 +145,10 @@ pub fn domain(config: &Config, cmd: DomainCommand) -> anyhow::Result<()> {
         DomainCommand::Add { domain } => {
             let name = Domains::add(path, &domain)?;
             let dir = config.paths.mail_root.join(&name);
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("creating the mail directory of {name}"))?;
-            crate::system::give_to_store(config, &dir)?;
+            crate::system::as_store_user(config, || {
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating the mail directory of {name}"))
+            })?;
             println!("added {name}");
         }
         DomainCommand::Del { domain } => {

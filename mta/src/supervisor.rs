@@ -139,10 +139,24 @@ pub async fn run(config_path: &Path, config: &Config) -> anyhow::Result<()> {
                 tracing::warn!("{} exited ({status}); restarting in {}s", d.name, d.delay.as_secs());
                 let delay = d.delay;
                 d.delay = (d.delay * 2).min(MAX_RESTART_DELAY);
-                // Signals during the wait still count.
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    sig = signals.next() => if sig == SignalEvent::Stop { break },
+                // Signals during the wait still count: a reload goes to the
+                // daemons that run, and the wait goes on.
+                let restart_at = tokio::time::Instant::now() + delay;
+                let stop = loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(restart_at) => break false,
+                        sig = signals.next() => match sig {
+                            SignalEvent::Stop => break true,
+                            SignalEvent::Reload => {
+                                tracing::info!("reload: signalling daemons");
+                                hand_over_certificate(&mut daemons, config_path, config);
+                                signal_all(&daemons, Signal::SIGHUP);
+                            }
+                        },
+                    }
+                };
+                if stop {
+                    break;
                 }
                 if let Err(e) = daemons[index].spawn(&bin_dir, config_path, config) {
                     tracing::error!("{e:#}");

@@ -202,6 +202,7 @@ fn deliver(config: &Config, options: Options) -> Result<(), Failure> {
         ended,
         written: 0,
         limit: config.smtpd.max_message_size,
+        at_line_start: true,
     };
     let header = without_bcc(&header.bytes);
     // The limit is on the whole message, as smtpd's.
@@ -423,6 +424,9 @@ struct Body<R> {
     ended: bool,
     written: u64,
     limit: u64,
+    /// Whether the next byte starts a line (a long line comes in pieces;
+    /// only a whole line can be the single dot).
+    at_line_start: bool,
 }
 
 impl<R: BufRead> Read for Body<R> {
@@ -435,10 +439,11 @@ impl<R: BufRead> Read for Body<R> {
         let n = (&mut self.input)
             .take(buf.len() as u64)
             .read_until(b'\n', &mut line)?;
-        if n == 0 || (!self.ignore_dots && is_dot_line(&line)) {
+        if n == 0 || (!self.ignore_dots && self.at_line_start && is_dot_line(&line)) {
             self.ended = true;
             return Ok(0);
         }
+        self.at_line_start = line.ends_with(b"\n");
         self.written += n as u64;
         if self.written > self.limit {
             return Err(std::io::ErrorKind::FileTooLarge.into());
@@ -488,6 +493,7 @@ mod tests {
             ended: false,
             written: 0,
             limit: 100,
+            at_line_start: true,
         };
         let mut rest = Vec::new();
         body.read_to_end(&mut rest).unwrap();

@@ -197,7 +197,7 @@ fn report(
 /// The original message when it is small enough to return whole.
 fn whole_message(ctx: &Context, id: &str) -> Option<Vec<u8>> {
     let mut message = Vec::new();
-    let f = std::fs::File::open(ctx.spool.data_path(id)).ok()?;
+    let f = ctx.spool.open_data(id).ok()?;
     f.take(RETURNED_MESSAGE_LIMIT + 1)
         .read_to_end(&mut message)
         .ok()?;
@@ -207,7 +207,7 @@ fn whole_message(ctx: &Context, id: &str) -> Option<Vec<u8>> {
 /// The header section of the original message (bounded).
 fn original_headers(ctx: &Context, id: &str) -> Vec<u8> {
     let mut head = Vec::new();
-    if let Ok(f) = std::fs::File::open(ctx.spool.data_path(id)) {
+    if let Ok(f) = ctx.spool.open_data(id) {
         let _ = f.take(RETURNED_HEADER_LIMIT).read_to_end(&mut head);
     }
     match memchr::memmem::find(&head, b"\r\n\r\n") {

@@ -3,7 +3,6 @@
 //! per-recipient status, bounces.
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::io::BufReader;
 
 use common::address::Address;
@@ -41,8 +40,9 @@ pub fn run_pass(ctx: &Context, id: &str) -> PassResult {
             return move_to_corrupt(spool, id);
         }
     };
-    if !spool.data_path(id).exists() {
-        tracing::error!("{id}: message file missing, moved to corrupt");
+    if let Err(e) = spool.open_data(id) {
+        // Missing, or not a regular file (a link smtpd's user could plant).
+        tracing::error!("{id}: message file unusable ({e}), moved to corrupt");
         return move_to_corrupt(spool, id);
     }
     let (dir, stale) = ctx.directory.current();
@@ -214,7 +214,7 @@ fn deliver_local(
     sender: &str,
     mailbox: &Address,
 ) -> std::io::Result<std::path::PathBuf> {
-    let file = File::open(ctx.spool.data_path(id))?;
+    let file = ctx.spool.open_data(id).map_err(std::io::Error::other)?;
     let headers = format!("Return-Path: <{sender}>\nDelivered-To: {mailbox}\n");
     let target = maildir_path(&ctx.mail_root, mailbox).map_err(std::io::Error::other)?;
     let delivered = maildir::deliver(

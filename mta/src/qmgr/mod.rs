@@ -34,6 +34,8 @@ pub struct Context {
     pub max_message_size: u64,
     /// Seconds a message may stay queued before it is returned.
     pub max_queue_lifetime: u64,
+    /// Most recipients taken from one maildrop file.
+    pub max_recipients: usize,
 }
 
 impl Context {
@@ -48,6 +50,7 @@ impl Context {
             max_backoff: config.qmgr.max_backoff,
             max_message_size: config.smtpd.max_message_size,
             max_queue_lifetime: config.qmgr.max_queue_lifetime,
+            max_recipients: config.smtpd.max_recipients,
         })
     }
 

@@ -26,6 +26,8 @@ pub fn pickup_all(ctx: &Context) {
         match pickup(ctx, &id) {
             Ok(()) => {}
             Err(Failed::Bad(reason)) => {
+                // The reason quotes the file, which its writer chose.
+                let reason = common::login::loggable(&reason);
                 tracing::warn!("{id}: maildrop file set aside in corrupt/: {reason}");
                 let _ = ctx
                     .spool
@@ -62,8 +64,13 @@ fn pickup(ctx: &Context, id: &str) -> Result<(), Failed> {
     let mut bytes = Vec::new();
     // sendmail applies max_message_size to the message; this bounds memory.
     let limit = ctx.max_message_size + ENVELOPE_ALLOWANCE;
-    std::fs::File::open(&path)
-        .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
+    let file = common::safeio::open_regular(&path).map_err(|e| Failed::Bad(e.to_string()))?;
+    // Who wrote it is the file's owner, not what the file says.
+    let owner = std::os::unix::fs::MetadataExt::uid(
+        &file.metadata().map_err(|e| Failed::Bad(e.to_string()))?,
+    );
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
         .map_err(|e| Failed::Bad(e.to_string()))?;
     if bytes.len() as u64 > limit {
         return Err(Failed::Bad(format!(
@@ -71,7 +78,14 @@ fn pickup(ctx: &Context, id: &str) -> Result<(), Failed> {
             ctx.max_message_size
         )));
     }
-    let (drop, message) = maildrop::decode(&bytes).map_err(|e| Failed::Bad(e.to_string()))?;
+    let (mut drop, message) = maildrop::decode(&bytes).map_err(|e| Failed::Bad(e.to_string()))?;
+    drop.uid = owner;
+    if drop.recipients.len() > ctx.max_recipients {
+        return Err(Failed::Bad(format!(
+            "{} recipients, more than smtpd.max_recipients",
+            drop.recipients.len()
+        )));
+    }
     let envelope = envelope(id, &drop).map_err(Failed::Bad)?;
     let data = crlf_message(&ctx.hostname, id, &drop, message);
     // A data file without an envelope is what a crash mid-pickup leaves.
@@ -117,11 +131,11 @@ fn envelope(id: &str, drop: &DropEnvelope) -> Result<Envelope, String> {
         Address::parse(&drop.sender).map_err(|e| format!("sender <{}>: {e}", drop.sender))?;
     }
     let mut recipients: Vec<Recipient> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for r in &drop.recipients {
         let address = Address::parse(r).map_err(|e| format!("recipient <{r}>: {e}"))?;
-        let address = address.to_string();
-        if !recipients.iter().any(|x| x.address == address) {
-            recipients.push(Recipient::new(address, None));
+        if seen.insert(address.key()) {
+            recipients.push(Recipient::new(address.to_string(), None));
         }
     }
     let utf8 = !drop.sender.is_ascii() || drop.recipients.iter().any(|r| !r.is_ascii());

@@ -285,8 +285,23 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
         }
     }
 
+    /// Queue a reply; it goes out when the buffer fills or at `flush`.
+    /// A client that stops reading cannot hold the session: every write
+    /// must end within `command_timeout` and by the session's deadline.
     async fn send(&mut self, reply: &Reply) -> std::io::Result<()> {
-        self.io.write_all(reply.to_wire().as_bytes()).await
+        let until = self.write_deadline();
+        let wire = reply.to_wire();
+        within(until, self.io.write_all(wire.as_bytes())).await
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        let until = self.write_deadline();
+        within(until, self.io.flush()).await
+    }
+
+    fn write_deadline(&self) -> Instant {
+        let timeout = Duration::from_secs(self.settings.config.smtpd.command_timeout);
+        (Instant::now() + timeout).min(self.deadline)
     }
 
     /// When a read that may take `timeout` must end.
@@ -311,7 +326,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
         if greet {
             let greeting = self.session.greeting();
             self.send(&greeting).await?;
-            self.io.flush().await?;
+            self.flush().await?;
         }
         let command_timeout = Duration::from_secs(self.settings.config.smtpd.command_timeout);
         let mut shutdown = self.server.shutdown.clone();
@@ -325,7 +340,12 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
             // The whole line must arrive in time, not each byte of it, so a
             // client trickling bytes cannot hold the session.
             let (until, wait) = self.read_deadline(command_timeout);
-            let max_line = self.settings.config.smtpd.max_line_length;
+            // RFC 4954 4: SASL exchanges may use lines of 12288 octets.
+            let max_line = if self.session.in_sasl() {
+                self.settings.config.smtpd.max_line_length.max(12_288)
+            } else {
+                self.settings.config.smtpd.max_line_length
+            };
             let read = tokio::select! {
                 r = tokio::time::timeout_at(until, read_line(&mut self.io, &mut line, max_line)) => r,
                 // Idle sessions end at once on shutdown; busy ones finish
@@ -398,12 +418,12 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
                         return Ok(Ended::Closed);
                     }
                     self.send(&r).await?;
-                    self.io.flush().await?;
+                    self.flush().await?;
                     return Ok(Ended::StartTls);
                 }
                 Action::ReadData(r) => {
                     self.send(&r).await?;
-                    self.io.flush().await?;
+                    self.flush().await?;
                     if let Some(close) = self.receive_data().await? {
                         self.close(close).await?;
                         return Ok(Ended::Closed);
@@ -424,7 +444,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
             self.forget_stale_chunks();
             // RFC 2920 3.1: flush when no more pipelined input is waiting.
             if self.io.buffer().is_empty() {
-                self.io.flush().await?;
+                self.flush().await?;
             }
         }
     }
@@ -432,8 +452,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
     async fn close(&mut self, reply: Reply) -> std::io::Result<()> {
         self.session.abort();
         self.send(&reply).await?;
-        self.io.flush().await?;
-        self.io.shutdown().await
+        self.flush().await?;
+        let until = self.write_deadline();
+        within(until, self.io.shutdown()).await
     }
 
     fn envelope(&self, id: &str, size: u64) -> Envelope {
@@ -485,9 +506,18 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
             }
             _ => String::new(),
         };
+        // RFC 5321 4.4: the from-domain is required (a client may skip
+        // HELO), and the client's word must not bring control characters
+        // into a stored header.
+        let helo: String = match self.session.helo_name() {
+            "" => "unknown".into(),
+            name => name
+                .chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect(),
+        };
         format!(
-            "Received: from {} ({literal}){tls}{auth}\r\n\tby {} (mailsrv) with {} id {id}{for_clause};\r\n\t{date}\r\n",
-            self.session.helo_name(),
+            "Received: from {helo} ({literal}){tls}{auth}\r\n\tby {} (mailsrv) with {} id {id}{for_clause};\r\n\t{date}\r\n",
             self.settings.limits.hostname,
             self.session.protocol(),
         )
@@ -676,6 +706,16 @@ async fn copy_exact<R: AsyncRead + Unpin>(
         n -= take as u64;
     }
     Ok(Ok(()))
+}
+
+/// `io` if it ends by `until`, else a TimedOut error.
+async fn within<T>(
+    until: Instant,
+    io: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    tokio::time::timeout_at(until, io)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 #[cfg(test)]
