@@ -231,6 +231,10 @@ impl Session {
                 | Err(ParseError::UnknownCommand)
         );
         let action = match parsed {
+            // RFC 3207 4: STARTTLS takes no parameters (smtp-proto skips them).
+            Ok(Request::StartTls) if has_argument(line) => {
+                reply(501, "5.5.4", "Syntax: STARTTLS takes no parameters")
+            }
             Ok(req) => self.command(req, dir),
             Err(ParseError::SyntaxError { syntax }) if syntax.starts_with("AUTH ") => {
                 auth_syntax_reply(line)
@@ -705,6 +709,14 @@ fn reply(code: u16, enhanced: &'static str, text: impl Into<String>) -> Action {
     Action::Reply(Reply::new(code, enhanced, text))
 }
 
+/// Whether a command line has anything after its verb.
+fn has_argument(line: &[u8]) -> bool {
+    line.split(|b| b.is_ascii_whitespace())
+        .filter(|w| !w.is_empty())
+        .nth(1)
+        .is_some()
+}
+
 /// RFC 3461 4.1 NOTIFY from smtp-proto's flags; None when not given.
 fn notify(flags: u64) -> Option<Notify> {
     let given = smtp_proto::RCPT_NOTIFY_SUCCESS
@@ -732,12 +744,7 @@ fn decode_base64(text: &[u8]) -> Option<Vec<u8>> {
 /// smtp-proto refuses a mechanism it does not know as a syntax error;
 /// RFC 4954 4 wants 504 for that, and 501 for a missing mechanism.
 fn auth_syntax_reply(line: &[u8]) -> Action {
-    let has_mechanism = line
-        .split(|b| b.is_ascii_whitespace())
-        .filter(|w| !w.is_empty())
-        .nth(1)
-        .is_some();
-    if has_mechanism {
+    if has_argument(line) {
         reply(504, "5.5.4", "Unrecognized authentication type")
     } else {
         reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
@@ -860,6 +867,7 @@ mod tests {
         assert!(ehlo.lines.contains(&"STARTTLS".to_string()));
         // No AUTH on the MX port, not even after TLS.
         assert!(!ehlo.lines.iter().any(|l| l.starts_with("AUTH")));
+        assert_eq!(code(&run(&mut s, &d, "STARTTLS now")), (501, "5.5.4"));
         assert_eq!(code(&run(&mut s, &d, "STARTTLS")), (220, "2.0.0"));
         s.tls_started(tls());
         assert_eq!(s.helo_name(), "");
