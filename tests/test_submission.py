@@ -688,6 +688,26 @@ def test_junk_commands_are_capped(make_mailsrv):
         assert conn.closed(), "connection still open after 421"
 
 
+def trickle(conn, pieces: list[bytes], interval: float,
+            offset: float = 0.0) -> tuple[tuple[int, list[str]], float]:
+    """Send `pieces` one every `interval` seconds (the first after
+    `offset`), looking for a reply between them; returns the reply and the
+    seconds it took. Fails if none comes before the pieces run out."""
+    started = time.monotonic()
+    conn.timeout = interval
+    for i, piece in enumerate(pieces):
+        time.sleep(max(0.0, started + offset + i * interval - time.monotonic()))
+        try:
+            conn.send(piece)
+        except OSError as e:
+            raise AssertionError(f"connection failed after {i} pieces: {e}") from None
+        try:
+            return conn.read_reply(), time.monotonic() - started
+        except TimeoutError:
+            continue
+    raise AssertionError(f"no reply to input trickled for {time.monotonic() - started:.1f} s")
+
+
 def test_trickled_command_line_times_out(make_mailsrv):
     # test_protocol.py::test_command_timeout covers a silent client; this
     # one keeps sending, a byte a second, and never ends the line.
@@ -695,25 +715,10 @@ def test_trickled_command_line_times_out(make_mailsrv):
     srv = make_mailsrv(config={"smtpd.command_timeout": timeout})
     with srv.raw() as conn:
         conn.ehlo()
-        started = time.monotonic()
-        conn.timeout = 1.0
-        reply = None
-        payload = b"NOOP " + b"x" * 20
         # Each byte goes half-way between whole seconds after the start, so
         # the 421 (due after `timeout` seconds) arrives while we wait.
-        for i, byte in enumerate(payload[:9]):
-            time.sleep(max(0.0, started + i + 0.5 - time.monotonic()))
-            try:
-                conn.send(bytes([byte]))
-            except OSError as e:
-                raise AssertionError(f"connection failed after {i} bytes: {e}") from None
-            try:
-                reply = conn.read_reply()
-                break
-            except TimeoutError:
-                continue
-        elapsed = time.monotonic() - started
-        assert reply is not None, f"no reply to a line trickled for {elapsed:.1f} s"
+        payload = b"NOOP " + b"x" * 20
+        reply, elapsed = trickle(conn, [bytes([b]) for b in payload[:9]], 1.0, offset=0.5)
         RawSMTP.check_reply(reply, 421, "4.4.2", "trickled command")
         assert elapsed < timeout + 2.5, f"421 only after {elapsed:.1f} s"
         conn.timeout = 5.0
@@ -732,22 +737,8 @@ def test_trickled_message_data_times_out(make_mailsrv):
         conn.expect("MAIL FROM:<x@far.example>", 250)
         conn.expect(f"RCPT TO:<{ALICE}>", 250)
         conn.expect("DATA", 354)
-        started = time.monotonic()
-        conn.timeout = 0.5
-        reply = None
         # 100 bytes every half second: 200 B/s, a fifth of the rate.
-        for i in range(20):
-            try:
-                conn.send(b"x" * 98 + b"\r\n")
-            except OSError as e:
-                raise AssertionError(f"connection failed after {i} lines: {e}") from None
-            try:
-                reply = conn.read_reply()
-                break
-            except TimeoutError:
-                continue
-        elapsed = time.monotonic() - started
-        assert reply is not None, f"no reply to data trickled for {elapsed:.1f} s"
+        reply, elapsed = trickle(conn, [b"x" * 98 + b"\r\n"] * 20, 0.5)
         lines = RawSMTP.check_reply(reply, 421, "4.4.2", "trickled data")
         assert "slowly" in " ".join(lines), lines
         assert elapsed < 5.5, f"421 only after {elapsed:.1f} s"
