@@ -107,6 +107,8 @@ def test_recipient_deleted_after_acceptance_is_bounced(mailsrv):
 
 
 def test_null_sender_to_deleted_recipient_is_not_bounced(mailsrv):
+    # The report goes to the postmaster, who has no mailbox here: that
+    # report fails in turn and, being from double-bounce@, is dropped.
     mailsrv.add_user(ALICE)
     mailsrv.add_user(BOB)
     message = make_message("a bounce to a vanishing user", sender="MAILER-DAEMON@remote.test",
@@ -118,3 +120,23 @@ def test_null_sender_to_deleted_recipient_is_not_bounced(mailsrv):
     # empty spool means everything has happened.
     mailsrv.wait_spool_empty()
     assert mailsrv.delivered_files() == []
+    assert "report about a report discarded" in mailsrv.log_tail()
+
+
+def test_failed_bounce_goes_to_the_postmaster(mailsrv):
+    mailsrv.add_user(ALICE)
+    mailsrv.add_user(BOB)
+    mailsrv.add_alias("postmaster", BOB)
+    message = make_message("a bounce to a vanishing user", sender="MAILER-DAEMON@remote.test",
+                           to=ALICE)
+
+    stopped_qmgr_send_then_delete(mailsrv, "", message)
+
+    [path] = mailsrv.wait_for_messages(BOB, 1)
+    content = path.read_bytes()
+    assert content.startswith(
+        f"Return-Path: <double-bounce@{mailsrv.hostname}>\n".encode()), content[:200]
+    report = email.message_from_bytes(content, policy=email.policy.compat32)
+    fields = delivery_status_fields(report)
+    assert fields.get("action") == "failed" and fields.get("status") == "5.1.1", fields
+    mailsrv.wait_spool_empty()

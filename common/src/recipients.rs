@@ -62,6 +62,17 @@ impl Directory {
         Ok(out.into_iter().collect())
     }
 
+    /// The postmaster of this host (RFC 5321 4.5.1): of `hostname` if it
+    /// is a served domain, else of the first domain served.
+    pub fn postmaster(&self, hostname: &str) -> String {
+        let domain = if self.is_local_domain(hostname) {
+            hostname
+        } else {
+            self.domains.iter().next().unwrap_or(hostname)
+        };
+        format!("postmaster@{domain}")
+    }
+
     /// Whether the authenticated `user` may send as `sender`: its own
     /// address, a plus-form of it, or an address (alias, catch-all) whose
     /// mail reaches `user`.

@@ -26,20 +26,35 @@ pub enum Report {
     Delivered,
 }
 
-/// Queue a report to the sender of `env` about `recipients`. Reports about
-/// reports (null sender) are dropped with a log line, as every MTA does.
+/// The sender of reports about reports: a report that fails in turn is
+/// dropped (Postfix's double-bounce), so nothing can loop.
+fn double_bounce(ctx: &Context) -> String {
+    format!("double-bounce@{}", ctx.hostname)
+}
+
+/// Queue a report to the sender of `env` about `recipients`. A report
+/// about a bounce (null sender) goes to the postmaster, from
+/// `double-bounce@`; one about such a report is dropped with a log line.
 pub fn queue_report(
     ctx: &Context,
     env: &Envelope,
     recipients: &[&Recipient],
     kind: Report,
 ) -> Result<(), SpoolError> {
-    if env.sender.is_empty() {
-        tracing::info!("{}: report to the null sender discarded", env.id);
+    if env.sender.eq_ignore_ascii_case(&double_bounce(ctx))
+        || (env.sender.is_empty() && kind == Report::Delivered)
+    {
+        tracing::info!("{}: report about a report discarded", env.id);
         return Ok(());
     }
+    let (to, from) = if env.sender.is_empty() {
+        let (dir, _) = ctx.directory.current();
+        (dir.postmaster(&ctx.hostname), double_bounce(ctx))
+    } else {
+        (env.sender.clone(), String::new())
+    };
     let id = new_queue_id();
-    let body = report(ctx, env, recipients, &id, kind);
+    let body = report(ctx, env, recipients, &id, kind, &to);
     let spool = &ctx.spool;
     let path = spool.data_path(&id);
     let written = spool.create_data(&id).and_then(|mut f| {
@@ -52,8 +67,8 @@ pub fn queue_report(
     });
     let bounce = Envelope {
         id: id.clone(),
-        sender: String::new(),
-        recipients: vec![Recipient::new(env.sender.clone(), None)],
+        sender: from,
+        recipients: vec![Recipient::new(to.clone(), None)],
         arrival: unix_now(),
         size: body.len() as u64,
         attempts: 0,
@@ -65,7 +80,7 @@ pub fn queue_report(
         },
         auth_user: None,
         params: EsmtpParams {
-            smtputf8: !env.sender.is_ascii(),
+            smtputf8: !to.is_ascii(),
             ..EsmtpParams::default()
         },
     };
@@ -80,7 +95,7 @@ pub fn queue_report(
         Report::Failed => "non-delivery",
         Report::Delivered => "delivery",
     };
-    tracing::info!("{}: sender {what} notification: {id}", env.id);
+    tracing::info!("{}: {what} notification to <{to}>: {id}", env.id);
     Ok(())
 }
 
@@ -90,6 +105,7 @@ fn report(
     recipients: &[&Recipient],
     id: &str,
     kind: Report,
+    to: &str,
 ) -> Vec<u8> {
     let boundary = format!("{id}/{}", ctx.hostname);
     let date = time::OffsetDateTime::now_utc()
@@ -170,7 +186,6 @@ fn report(
          {machine}\
          \r\n",
         host = ctx.hostname,
-        to = env.sender,
     )
     .into_bytes();
     // RFC 3461 4.3: RET=FULL asks for the whole message back with a

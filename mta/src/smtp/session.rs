@@ -587,12 +587,7 @@ impl Session {
         // it means the postmaster of this host's domain, or of the first
         // domain served if the host name is not one.
         let raw = if to.address.eq_ignore_ascii_case("postmaster") {
-            let domain = if dir.is_local_domain(&hostname) {
-                hostname.as_str()
-            } else {
-                dir.domains.iter().next().unwrap_or(hostname.as_str())
-            };
-            format!("postmaster@{domain}")
+            dir.postmaster(&hostname)
         } else {
             to.address
         };
