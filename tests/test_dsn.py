@@ -4,8 +4,11 @@ reports for local delivery."""
 
 import email
 import email.policy
+import json
 import os
 import signal
+
+from mailtest import wait_until
 
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
@@ -118,3 +121,28 @@ def test_queue_lifetime_expiry_returns_the_message(make_mailsrv):
     assert fields["final-recipient"] == f"rfc822; {far}", fields
     assert "remote delivery is not available" in fields["diagnostic-code"], fields
     srv.wait_spool_empty()
+
+
+def test_delay_warning_is_sent_once(make_mailsrv):
+    srv = make_mailsrv(users=[BOB], config={
+        "qmgr.delay_warning": 1, "qmgr.min_backoff": 1, "qmgr.max_backoff": 1,
+        "smtpd.relay_networks": ["127.0.0.0/8"]})
+    far = "someone@far.example"
+    with srv.raw() as smtp:
+        smtp.ehlo()
+        smtp.expect(f"MAIL FROM:<{BOB}>", 250)
+        smtp.expect(f"RCPT TO:<{far}>", 250)
+        smtp.check_reply(smtp.data(b"Subject: slow going\r\n\r\nbody\r\n"), 250)
+    [path] = srv.wait_for_messages(BOB, 1, timeout=20)
+    report, fields = report_fields(path.read_bytes())
+    assert report["Subject"] == "Delayed Mail (still being retried)"
+    assert fields["action"] == "delayed" and fields["status"] == "4.4.0", fields
+    assert fields["final-recipient"] == f"rfc822; {far}", fields
+
+    # More retries, no second warning; the message is still queued.
+    def attempts() -> int:
+        return max((e.get("attempts", 0)
+                    for e in json.loads(srv.ctl("queue", "list", "--json").stdout)), default=0)
+    seen = attempts()
+    wait_until(lambda: attempts() >= seen + 2, 15, "two more delivery attempts")
+    assert srv.messages(BOB) == [path], "the delay warning was sent twice"

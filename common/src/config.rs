@@ -292,6 +292,10 @@ pub struct QmgrConfig {
     /// maximal_queue_lifetime, 5 days).
     #[serde(default = "default_max_queue_lifetime")]
     pub max_queue_lifetime: u64,
+    /// Seconds after arrival at which a sender whose message is still
+    /// undelivered is told once that it is delayed; 0: never.
+    #[serde(default = "default_delay_warning")]
+    pub delay_warning: u64,
 }
 
 impl Default for QmgrConfig {
@@ -301,6 +305,7 @@ impl Default for QmgrConfig {
             min_backoff: default_min_backoff(),
             max_backoff: default_max_backoff(),
             max_queue_lifetime: default_max_queue_lifetime(),
+            delay_warning: default_delay_warning(),
         }
     }
 }
@@ -310,6 +315,9 @@ fn default_delivery_concurrency() -> usize {
 }
 fn default_min_backoff() -> u64 {
     300
+}
+fn default_delay_warning() -> u64 {
+    4 * 3600
 }
 fn default_max_queue_lifetime() -> u64 {
     5 * 24 * 3600

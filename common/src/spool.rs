@@ -163,6 +163,12 @@ impl Recipient {
         self.notify.is_none_or(|n| n.failure)
     }
 
+    /// Whether the sender is to be told of a delay (without NOTIFY, yes:
+    /// RFC 3461 4.1 lets the MTA choose, and Postfix warns).
+    pub fn wants_delay_report(&self) -> bool {
+        self.notify.is_none_or(|n| n.delay)
+    }
+
     /// Whether the sender asked to be told of successful delivery.
     pub fn wants_success_report(&self) -> bool {
         self.notify.is_some_and(|n| n.success)
@@ -222,6 +228,9 @@ pub struct Envelope {
     pub auth_user: Option<String>,
     #[serde(default)]
     pub params: EsmtpParams,
+    /// The sender has been told that delivery is delayed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delay_warned: bool,
 }
 
 /// Seconds since 1970.
@@ -454,6 +463,7 @@ mod tests {
             client: ClientInfo::default(),
             auth_user: None,
             params: EsmtpParams::default(),
+            delay_warned: false,
         }
     }
 

@@ -24,6 +24,8 @@ pub enum Report {
     Failed,
     /// Delivered, as NOTIFY=SUCCESS asked.
     Delivered,
+    /// Still not delivered; still being tried.
+    Delayed,
 }
 
 /// The sender of reports about reports: a report that fails in turn is
@@ -42,7 +44,7 @@ pub fn queue_report(
     kind: Report,
 ) -> Result<(), SpoolError> {
     if env.sender.eq_ignore_ascii_case(&double_bounce(ctx))
-        || (env.sender.is_empty() && kind == Report::Delivered)
+        || (env.sender.is_empty() && kind != Report::Failed)
     {
         tracing::info!("{}: report about a report discarded", env.id);
         return Ok(());
@@ -83,6 +85,7 @@ pub fn queue_report(
             smtputf8: !to.is_ascii(),
             ..EsmtpParams::default()
         },
+        delay_warned: false,
     };
     let queued = written
         .and_then(|_| spool.commit(&bounce))
@@ -94,6 +97,7 @@ pub fn queue_report(
     let what = match kind {
         Report::Failed => "non-delivery",
         Report::Delivered => "delivery",
+        Report::Delayed => "delay",
     };
     tracing::info!("{}: {what} notification to <{to}>: {id}", env.id);
     Ok(())
@@ -122,6 +126,12 @@ fn report(
             "Your message was delivered to the following recipients, as you asked:",
             "delivered",
         ),
+        Report::Delayed => (
+            "Delayed Mail (still being retried)",
+            "Your message could not be delivered yet to these recipients; delivery \
+             is still being tried, and you will be told if it fails for good:",
+            "delayed",
+        ),
     };
     let mut human = String::new();
     // RFC 3464 2.2: per-message fields.
@@ -145,7 +155,7 @@ fn report(
             machine.push_str(&format!("Original-Recipient: {typed}\r\n"));
         }
         match kind {
-            Report::Failed => {
+            Report::Failed | Report::Delayed => {
                 let reason = r.last_error.as_deref().unwrap_or("5.0.0 delivery failed");
                 let status = reason.split_whitespace().next().unwrap_or("5.0.0");
                 human.push_str(&format!("<{shown}>: {reason}\r\n"));

@@ -254,7 +254,32 @@ fn expire(ctx: &Context, env: &mut Envelope) {
     }
 }
 
+/// Tell the sender once, after `delay_warning`, which recipients are
+/// still waiting (RFC 3464 Action: delayed), unless their NOTIFY excludes
+/// DELAY. Best effort: the message itself stays queued either way.
+fn warn_of_delay(ctx: &Context, env: &mut Envelope) {
+    if ctx.delay_warning == 0
+        || env.delay_warned
+        || unix_now() < env.arrival.saturating_add(ctx.delay_warning)
+    {
+        return;
+    }
+    let waiting: Vec<&Recipient> = env
+        .recipients
+        .iter()
+        .filter(|r| r.status == RecipientStatus::Pending && r.wants_delay_report())
+        .collect();
+    if !waiting.is_empty() {
+        if let Err(e) = bounce::queue_report(ctx, env, &waiting, Report::Delayed) {
+            tracing::error!("{}: cannot queue the delay notification: {e}", env.id);
+            return;
+        }
+    }
+    env.delay_warned = true;
+}
+
 fn defer(ctx: &Context, mut env: Envelope) -> PassResult {
+    warn_of_delay(ctx, &mut env);
     env.attempts += 1;
     env.next_try = unix_now() + ctx.backoff(env.attempts);
     let id = env.id.clone();

@@ -36,6 +36,8 @@ pub struct Context {
     pub max_queue_lifetime: u64,
     /// Most recipients taken from one maildrop file.
     pub max_recipients: usize,
+    /// Seconds after arrival to warn of a delay (0: never).
+    pub delay_warning: u64,
 }
 
 impl Context {
@@ -51,6 +53,7 @@ impl Context {
             max_message_size: config.smtpd.max_message_size,
             max_queue_lifetime: config.qmgr.max_queue_lifetime,
             max_recipients: config.smtpd.max_recipients,
+            delay_warning: config.qmgr.delay_warning,
         })
     }
 

@@ -159,6 +159,7 @@ fn envelope(id: &str, drop: &DropEnvelope) -> Result<Envelope, String> {
             envid: None,
             ret: None,
         },
+        delay_warned: false,
     })
 }
 

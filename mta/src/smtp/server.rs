@@ -474,6 +474,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
             },
             auth_user: self.session.auth_user().map(|a| a.to_string()),
             params: tx.params,
+            delay_warned: false,
         }
     }
 
