@@ -640,6 +640,19 @@ def test_auth_failures_throttled_per_account(make_mailsrv):
     assert log.count("smtp authentication failed:") == 3, srv.log_tail()
 
 
+def test_account_owner_is_not_locked_out_from_a_known_address(make_mailsrv):
+    # Failures an attacker causes for alice elsewhere do not lock her out
+    # where she logged in before.
+    srv = make_mailsrv(config={"smtpd.max_auth_failures": 100,
+                               "smtpd.max_account_auth_failures": 2},
+                       users=[ALICE])
+    auth_once(srv, ALICE, srv.passwords[ALICE], 235, "2.7.0", source="127.0.0.1")
+    for source in ("127.0.0.2", "127.0.0.3"):
+        auth_once(srv, ALICE, "guess", 535, "5.7.8", source=source)
+    auth_once(srv, ALICE, srv.passwords[ALICE], 235, "2.7.0", source="127.0.0.1")
+    auth_once(srv, ALICE, srv.passwords[ALICE], 454, "4.7.0", source="127.0.0.4")
+
+
 def test_auth_throttle_ends_with_its_window(make_mailsrv):
     window = 3
     srv = make_mailsrv(config={"smtpd.max_auth_failures": 1,

@@ -2,8 +2,10 @@
 //! POP3): the user database, throttled per client address and per
 //! account, each failure logged in a form fail2ban can match.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::address::Address;
 use crate::recipients::DirectoryCache;
@@ -17,7 +19,18 @@ pub struct LoginThrottle {
     /// Each Argon2 check takes ~19 MiB and a core for tens of
     /// milliseconds: more at once than cores only queue in memory.
     checks: tokio::sync::Semaphore,
+    /// Where each account logged in lately: from there the per-account
+    /// limit does not apply, so failures an attacker causes elsewhere do
+    /// not lock the owner out.
+    recent: Mutex<HashMap<(IpAddr, String), Instant>>,
 }
+
+/// How long a successful login exempts its address from the account's
+/// failure limit.
+const TRUSTED_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Most (address, account) pairs remembered.
+const MAX_RECENT: usize = 65_536;
 
 impl LoginThrottle {
     /// Refuse logins from a client address after `per_client` failures, and
@@ -28,7 +41,26 @@ impl LoginThrottle {
             clients: AuthThrottle::new(per_client, window),
             accounts: AuthThrottle::new(per_account, window),
             checks: tokio::sync::Semaphore::new(cores * 2),
+            recent: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn trusted(&self, ip: IpAddr, account: &str) -> bool {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent
+            .get(&(ip, account.to_string()))
+            .is_some_and(|t| t.elapsed() < TRUSTED_FOR)
+    }
+
+    fn remember(&self, ip: IpAddr, account: String) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() >= MAX_RECENT {
+            recent.retain(|_, t| t.elapsed() < TRUSTED_FOR);
+            if recent.len() >= MAX_RECENT {
+                return;
+            }
+        }
+        recent.insert((ip, account), Instant::now());
     }
 }
 
@@ -55,7 +87,8 @@ pub async fn check_password(
     let shown = loggable(user);
     let account = user.to_lowercase();
     let ip = client_key(ip);
-    if throttle.clients.is_blocked(&ip) || throttle.accounts.is_blocked(&account) {
+    let account_blocked = throttle.accounts.is_blocked(&account) && !throttle.trusted(ip, &account);
+    if throttle.clients.is_blocked(&ip) || account_blocked {
         tracing::warn!("{protocol} login refused (too many failures): user=<{shown}>, rip={ip}");
         return Err(LoginError::Throttled);
     }
@@ -70,7 +103,10 @@ pub async fn check_password(
         .await
         .unwrap_or(false);
     match Address::parse(user).ok().filter(|_| ok) {
-        Some(address) => Ok(address),
+        Some(address) => {
+            throttle.remember(ip, account);
+            Ok(address)
+        }
         None => {
             throttle.clients.record_failure(&ip);
             throttle.accounts.record_failure(&account);
@@ -111,6 +147,19 @@ pub fn loggable(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_known_address_escapes_the_account_limit() {
+        let t = LoginThrottle::new(10, 1, Duration::from_secs(60));
+        let home: IpAddr = "192.0.2.1".parse().unwrap();
+        let elsewhere: IpAddr = "198.51.100.7".parse().unwrap();
+        t.remember(home, "alice@a.test".into());
+        t.accounts.record_failure(&"alice@a.test".to_string());
+        assert!(t.accounts.is_blocked(&"alice@a.test".to_string()));
+        assert!(t.trusted(home, "alice@a.test"));
+        assert!(!t.trusted(elsewhere, "alice@a.test"));
+        assert!(!t.trusted(home, "bob@a.test"));
+    }
 
     #[test]
     fn ipv6_clients_count_by_their_64() {
