@@ -103,22 +103,30 @@ def test_ret_hdrs_returns_the_header_only(make_mailsrv):
     assert b"the body of headers only" not in path.read_bytes()
 
 
+FAR = "someone@far.example"
+
+
+def send_far(srv, subject: str) -> None:
+    """Bob sends to another domain (allowed from 127.0.0.0/8); the message
+    waits in the queue, remote delivery not being there yet."""
+    with srv.raw() as smtp:
+        smtp.ehlo()
+        smtp.expect(f"MAIL FROM:<{BOB}>", 250)
+        smtp.expect(f"RCPT TO:<{FAR}>", 250)
+        smtp.check_reply(smtp.data(f"Subject: {subject}\r\n\r\nbody\r\n".encode()), 250)
+
+
 def test_queue_lifetime_expiry_returns_the_message(make_mailsrv):
     # Mail to another domain waits in the queue (no remote delivery yet);
     # past qmgr.max_queue_lifetime it goes back to the sender.
     srv = make_mailsrv(users=[BOB], config={
         "qmgr.max_queue_lifetime": 2, "qmgr.min_backoff": 1, "qmgr.max_backoff": 1,
         "smtpd.relay_networks": ["127.0.0.0/8"]})
-    far = "someone@far.example"
-    with srv.raw() as smtp:
-        smtp.ehlo()
-        smtp.expect(f"MAIL FROM:<{BOB}>", 250)
-        smtp.expect(f"RCPT TO:<{far}>", 250)
-        smtp.check_reply(smtp.data(b"Subject: too slow\r\n\r\nbody\r\n"), 250)
+    send_far(srv, "too slow")
     [path] = srv.wait_for_messages(BOB, 1, timeout=20)
     report, fields = report_fields(path.read_bytes())
     assert fields["action"] == "failed" and fields["status"] == "4.4.7", fields
-    assert fields["final-recipient"] == f"rfc822; {far}", fields
+    assert fields["final-recipient"] == f"rfc822; {FAR}", fields
     assert "remote delivery is not available" in fields["diagnostic-code"], fields
     srv.wait_spool_empty()
 
@@ -127,17 +135,12 @@ def test_delay_warning_is_sent_once(make_mailsrv):
     srv = make_mailsrv(users=[BOB], config={
         "qmgr.delay_warning": 1, "qmgr.min_backoff": 1, "qmgr.max_backoff": 1,
         "smtpd.relay_networks": ["127.0.0.0/8"]})
-    far = "someone@far.example"
-    with srv.raw() as smtp:
-        smtp.ehlo()
-        smtp.expect(f"MAIL FROM:<{BOB}>", 250)
-        smtp.expect(f"RCPT TO:<{far}>", 250)
-        smtp.check_reply(smtp.data(b"Subject: slow going\r\n\r\nbody\r\n"), 250)
+    send_far(srv, "slow going")
     [path] = srv.wait_for_messages(BOB, 1, timeout=20)
     report, fields = report_fields(path.read_bytes())
     assert report["Subject"] == "Delayed Mail (still being retried)"
     assert fields["action"] == "delayed" and fields["status"] == "4.4.0", fields
-    assert fields["final-recipient"] == f"rfc822; {far}", fields
+    assert fields["final-recipient"] == f"rfc822; {FAR}", fields
 
     # More retries, no second warning; the message is still queued.
     def attempts() -> int:
