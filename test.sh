@@ -18,6 +18,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 python3 -m pytest --version >/dev/null 2>&1 || python3 -m pip install -q pytest
+# The tests' DNS server (tests/dnsserver.py).
+python3 -c 'import dnslib' 2>/dev/null || python3 -m pip install -q dnslib
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings

@@ -7,11 +7,18 @@ it (SIGTERM, then SIGKILL) and prints the tail of its log when the test
 failed.
 
 Binaries come from $MAILSRV_BIN_DIR, default <repo>/target/debug.
+
+One DNS server (tests/dnsserver.py) runs for the whole session on
+127.0.0.1; every installation's `[dns] servers` names it, so qmgr never
+asks the real network: a name no test has set up gets SERVFAIL, and mail
+to it is deferred (4.4.3). A test adds records through the `dns` fixture,
+which removes them when the test ends.
 """
 
 from __future__ import annotations
 
 import imaplib
+import json
 import os
 import poplib
 import random
@@ -33,6 +40,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from dnsserver import DNSRecords, DNSServer  # noqa: E402
+from smtpscript import ScriptedSMTP  # noqa: E402
 from mailtest import (  # noqa: E402
     CLIENT_NAME, LOCALHOST, RawIMAP, RawPOP3, RawSMTP, bindable, greets, header,
     imap_greets, insecure_tls_context, make_message, pid_alive, pop3_greets,
@@ -90,7 +99,8 @@ def toml_value(value: Any) -> str:
     raise TypeError(f"no TOML form for {value!r}")
 
 
-_TABLE_HEADER_RE = re.compile(r"\[\s*([A-Za-z0-9_.\- ]+?)\s*\]\s*(#.*)?$")
+# A table header; a part may be quoted (`[delivery.domains."b.test"]`).
+_TABLE_HEADER_RE = re.compile(r'\[\s*([A-Za-z0-9_.\- "]+?)\s*\]\s*(#.*)?$')
 
 
 def set_toml_key(text: str, dotted_key: str, literal: str) -> tuple[str, int]:
@@ -99,7 +109,10 @@ def set_toml_key(text: str, dotted_key: str, literal: str) -> tuple[str, int]:
     if present, else add it right after the table header (or at the top for
     a top-level key, or in a new table at the end). The table may be nested:
     "maildird.limits.max_auth_failures" is the key max_auth_failures of
-    `[maildird.limits]`. Returns the new text and the 1-based line of the key."""
+    `[maildird.limits]`. A part of the table name that holds a dot is
+    quoted, as in TOML: 'delivery.domains."b.test".tls' is the key tls of
+    `[delivery.domains."b.test"]`. Returns the new text and the 1-based line
+    of the key."""
     table, _, key = dotted_key.rpartition(".")
     lines = text.splitlines()
     current = ""
@@ -160,7 +173,7 @@ class Mailsrv:
     it, so the tests look at it through /proc/<pid>/root (`spool_view`)."""
 
     def __init__(self, root: Path, port_base: int, spool_tmpfs: str | None = None,
-                 privileged: bool = False):
+                 privileged: bool = False, hostname: str = HOSTNAME, domain: str = DOMAIN):
         self.root = root
         # privileged: `mailctl init` without --single-user, so that when the
         # tests run as root the daemons drop to the system users.
@@ -173,8 +186,10 @@ class Mailsrv:
         self.run_dir = root / "run"
         self.mail_root = root / "mail"
         self.spool_dir = root / "spool"
-        self.hostname = HOSTNAME
-        self.domain = DOMAIN
+        # `mailctl init --hostname/--domain`: the name smtpd greets with and
+        # the first domain it serves.
+        self.hostname = hostname
+        self.domain = domain
         self.proc: subprocess.Popen | None = None
         # Password of each user added with add_user(), for the clients'
         # `user=` logins.
@@ -199,6 +214,22 @@ class Mailsrv:
                                   toml_value(value))
         self.config_path.write_text(text)
         return line
+
+    def write_secret(self, name: str, text: str) -> Path:
+        """Write `text` to `name` in the installation's directory, readable
+        by its owner only (0600); in a privileged installation root:<secret
+        group> 0640, so the daemons (as their own users) can read it, as
+        they read the config. For files such as relay credentials."""
+        path = self.root / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o600)
+        if self.privileged and os.geteuid() == 0:
+            group = self.config()["privileges"]["secret_group"]
+            shutil.chown(path, "root", group)
+            os.chmod(path, 0o640)
+        return path
 
     def config(self) -> dict[str, Any]:
         """The config file as parsed TOML."""
@@ -254,6 +285,19 @@ class Mailsrv:
 
     def add_domain(self, domain: str) -> Result:
         return self.ctl("domain", "add", domain)
+
+    def queue(self) -> dict[str, dict]:
+        """`mailctl queue list --json`, by queue id."""
+        return {e["id"]: e for e in json.loads(self.ctl("queue", "list", "--json").stdout)}
+
+    def queue_recipient(self, address: str) -> tuple[dict, dict] | None:
+        """(entry, recipient) of the first queued recipient `address`
+        (case-insensitive) in `mailctl queue list --json`, or None."""
+        for entry in self.queue().values():
+            for rcpt in entry.get("recipients", []):
+                if rcpt["address"].lower() == address.lower():
+                    return entry, rcpt
+        return None
 
     # ---- running ---------------------------------------------------------
 
@@ -625,15 +669,60 @@ def _test_failed(node: pytest.Item) -> bool:
                for phase in ("setup", "call"))
 
 
+@pytest.fixture(scope="session")
+def dns_server():
+    """The session's DNS server on 127.0.0.1 (tests/dnsserver.py); every
+    installation asks it. Stopped at the end of the session, whatever
+    happened."""
+    server = DNSServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
-def make_mailsrv(tmp_path: Path, request: pytest.FixtureRequest):
+def dns(dns_server: DNSServer):
+    """A handle to add DNS records for this test (`dns.mail_domain(d)`,
+    `dns.add_mx(...)`, `dns.add_a(...)`, `dns.nxdomain(...)`, `dns.unique("b")`
+    for a fresh domain name); what it added is removed after the test."""
+    records = DNSRecords(dns_server)
+    try:
+        yield records
+    finally:
+        records.clear()
+
+
+@pytest.fixture
+def make_scripted_smtp():
+    """Factory: make_scripted_smtp(capabilities=..., replies=...) starts a
+    ScriptedSMTP (tests/smtpscript.py) on a free port; every one is stopped
+    when the test ends."""
+    servers: list[ScriptedSMTP] = []
+
+    def make(**options: Any) -> ScriptedSMTP:
+        server = ScriptedSMTP(**options)
+        servers.append(server)
+        return server.start()
+
+    try:
+        yield make
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture
+def make_mailsrv(tmp_path: Path, request: pytest.FixtureRequest, dns_server: DNSServer):
     """Factory: make_mailsrv(config={"smtpd.max_errors": 3}, start=True,
-    spool_tmpfs=None, users=(), wait_for_imap=False) initialises an
-    installation, applies the config values and adds the users (each with a
-    fresh password, kept in srv.passwords) before the first start, and (by
-    default) starts it; spool_tmpfs="300k" runs it with a tmpfs of that size
-    on its spool (see Mailsrv); wait_for_imap makes every start wait for the
-    IMAP and IMAPS greetings too."""
+    spool_tmpfs=None, users=(), wait_for_imap=False, hostname=HOSTNAME,
+    domain=DOMAIN) initialises an installation (`mailctl init --hostname
+    --domain`), points its `dns.servers` at the session's DNS server,
+    applies the config values (which may override that) and adds the users
+    (each with a fresh password, kept in srv.passwords) before the first
+    start, and (by default) starts it; spool_tmpfs="300k" runs it with a
+    tmpfs of that size on its spool (see Mailsrv); wait_for_imap makes every
+    start wait for the IMAP and IMAPS greetings too."""
     if not MAILCTL.is_file():
         pytest.fail(f"{MAILCTL} not found: build with `cargo build --workspace` "
                     "or set MAILSRV_BIN_DIR")
@@ -642,7 +731,8 @@ def make_mailsrv(tmp_path: Path, request: pytest.FixtureRequest):
 
     def make(config: dict[str, Any] | None = None, start: bool = True,
              spool_tmpfs: str | None = None, users: Iterable[str] = (),
-             wait_for_imap: bool = False, privileged: bool | None = None) -> Mailsrv:
+             wait_for_imap: bool = False, privileged: bool | None = None,
+             hostname: str = HOSTNAME, domain: str = DOMAIN) -> Mailsrv:
         if privileged is None:
             privileged = PRIVILEGED_BY_DEFAULT
         if privileged:
@@ -654,10 +744,12 @@ def make_mailsrv(tmp_path: Path, request: pytest.FixtureRequest):
             root = root / "inst"
         else:
             root = tmp_path / f"inst{len(made)}"
-        srv = Mailsrv(root, free_port_base(), spool_tmpfs, privileged)
+        srv = Mailsrv(root, free_port_base(), spool_tmpfs, privileged, hostname, domain)
         made.append(srv)
         srv.wait_for_imap = wait_for_imap
         srv.init()
+        # Never the system resolver: names no test set up get SERVFAIL.
+        srv.set_config("dns.servers", [dns_server.address])
         for key, value in (config or {}).items():
             srv.set_config(key, value)
         for addr in users:

@@ -6,6 +6,9 @@ installs and runs mailsrv lives in conftest.py.
 
 from __future__ import annotations
 
+import email
+import email.message
+import email.policy
 import email.utils
 import itertools
 import re
@@ -231,6 +234,44 @@ def header(content: bytes, name: str) -> str | None:
         if sep and key.strip().lower() == name.lower():
             return value.strip()
     return None
+
+
+def delivery_report(content: bytes) -> tuple[email.message.Message, list[dict[str, str]]]:
+    """A delivery status notification (RFC 3464; RFC 6533's
+    message/global-delivery-status too): the parsed multipart/report and
+    the blocks of its status part, the per-message fields first, then one
+    per recipient, each {field name in lower case: value, whitespace
+    folded}. Read from the raw text, so UTF-8 addresses come through."""
+    report = email.message_from_bytes(content, policy=email.policy.compat32)
+    assert report.get_content_type() == "multipart/report", report["Content-Type"]
+    boundary = report.get_boundary()
+    assert boundary, "multipart/report without a boundary"
+    text = content.decode("utf-8", "replace").replace("\r\n", "\n")
+    for part in text.split("\n--" + boundary)[1:]:
+        head, _, body = part.partition("\n\n")
+        if re.search(r"(?im)^content-type:\s*message/(global-)?delivery-status", head):
+            blocks = []
+            for block in re.split(r"\n\s*\n", body):
+                unfolded = re.sub(r"\n[ \t]+", " ", block.strip("\n"))
+                fields = {}
+                for line in unfolded.splitlines():
+                    key, sep, value = line.partition(":")
+                    if sep:
+                        fields[key.strip().lower()] = " ".join(value.split())
+                if fields:
+                    blocks.append(fields)
+            return report, blocks
+    raise AssertionError(f"no message/delivery-status part in {content[:2000]!r}")
+
+
+def report_fields(content: bytes) -> tuple[email.message.Message, dict[str, str]]:
+    """delivery_report() with its blocks merged, later ones overriding
+    earlier ones: enough for a report about one recipient."""
+    report, blocks = delivery_report(content)
+    fields: dict[str, str] = {}
+    for block in blocks:
+        fields.update(block)
+    return report, fields
 
 
 # --------------------------------------------------------------------------

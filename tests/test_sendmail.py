@@ -91,7 +91,8 @@ def test_mailq_shows_deferred_mail_and_q_flushes(make_mailsrv):
         return sendmail(srv, input=b"", argv0="mailq").stdout.decode()
     wait_until(lambda: "deferred" in listed(), 15, "the message deferred in mailq")
     text = listed()
-    assert far in text and "remote delivery is not available" in text, text
+    # far.example gets SERVFAIL from the tests' DNS server: 4.4.3, retried later.
+    assert far in text and "4.4.3" in text, text
     assert sendmail(srv, "-bp", input=b"").stdout.decode().splitlines()[1:] \
         == text.splitlines()[1:]
     flushed = sendmail(srv, "-q", input=b"").stdout.decode()

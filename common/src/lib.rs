@@ -1,11 +1,12 @@
 //! What every mailsrv program shares: configuration, addresses, the user,
 //! alias and domain tables, password hashes, Maildir delivery, the spool,
-//! queue ids and logging.
+//! queue ids, DNS and logging.
 
 pub mod address;
 pub mod aliases;
 pub mod config;
 pub mod daemon;
+pub mod dns;
 pub mod domains;
 pub mod flags;
 pub mod logging;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::{ServerConfig, ServerConnection};
+use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
@@ -156,9 +156,16 @@ pub struct TlsSummary {
     pub cipher: String,
 }
 
+impl std::fmt::Display for TlsSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} with cipher {}", self.version, self.cipher)
+    }
+}
+
 impl TlsSummary {
-    /// What `connection` negotiated (None before the handshake ends).
-    pub fn of(connection: &ServerConnection) -> Option<TlsSummary> {
+    /// What `connection` (server or client side) negotiated (None before
+    /// the handshake ends).
+    pub fn of(connection: &rustls::CommonState) -> Option<TlsSummary> {
         let version = match connection.protocol_version()? {
             rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".to_string(),
             rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_string(),

@@ -24,6 +24,9 @@ pub enum Report {
     Failed,
     /// Delivered, as NOTIFY=SUCCESS asked.
     Delivered,
+    /// Handed to a server that cannot report delivery itself (no DSN),
+    /// as NOTIFY=SUCCESS asked (RFC 3461 5.2.2).
+    Relayed,
     /// Still not delivered; still being tried.
     Delayed,
 }
@@ -96,7 +99,7 @@ pub fn queue_report(
     queued?;
     let what = match kind {
         Report::Failed => "non-delivery",
-        Report::Delivered => "delivery",
+        Report::Delivered | Report::Relayed => "delivery",
         Report::Delayed => "delay",
     };
     tracing::info!("{}: {what} notification to <{to}>: {id}", env.id);
@@ -125,6 +128,12 @@ fn report(
             "Successful Mail Delivery Report",
             "Your message was delivered to the following recipients, as you asked:",
             "delivered",
+        ),
+        Report::Relayed => (
+            "Successful Mail Delivery Report",
+            "Your message was passed on to the following recipients' mail servers, \
+             which cannot confirm its delivery:",
+            "relayed",
         ),
         Report::Delayed => (
             "Delayed Mail (still being retried)",
@@ -163,8 +172,12 @@ fn report(
                     "Final-Recipient: rfc822; {shown}\r\nAction: {action}\r\nStatus: {status}\r\nDiagnostic-Code: X-mailsrv; {reason}\r\n"
                 ));
             }
-            Report::Delivered => {
-                human.push_str(&format!("<{shown}>: delivered to mailbox\r\n"));
+            Report::Delivered | Report::Relayed => {
+                let how = match kind {
+                    Report::Relayed => "relayed to a server without delivery notifications",
+                    _ => "delivered to mailbox",
+                };
+                human.push_str(&format!("<{shown}>: {how}\r\n"));
                 machine.push_str(&format!(
                     "Final-Recipient: rfc822; {shown}\r\nAction: {action}\r\nStatus: 2.0.0\r\n"
                 ));

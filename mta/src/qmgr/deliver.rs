@@ -1,9 +1,9 @@
-//! One delivery pass over one queue entry (blocking code, run on the
-//! blocking thread pool): alias expansion, local Maildir delivery,
-//! per-recipient status, bounces.
+//! One delivery pass over one queue entry: alias expansion, local
+//! Maildir delivery, remote delivery, per-recipient status, reports.
 
 use std::collections::BTreeSet;
 use std::io::BufReader;
+use std::sync::Arc;
 
 use common::address::Address;
 use common::maildir;
@@ -14,6 +14,7 @@ use common::spool::{
 use common::userdb::maildir_path;
 
 use super::bounce::{self, Report};
+use super::remote::RemoteResult;
 use super::Context;
 
 /// What became of the entry after a pass.
@@ -30,41 +31,142 @@ pub enum PassResult {
     Stuck,
 }
 
-/// Deliver what can be delivered of entry `id` (in `active/`).
-pub fn run_pass(ctx: &Context, id: &str) -> PassResult {
+/// Deliver what can be delivered of entry `id` (in `active/`): local
+/// recipients on the blocking pool, then remote ones over SMTP, then the
+/// reports and the entry's new state on the blocking pool again.
+pub async fn run_pass(ctx: Arc<Context>, id: String) -> PassResult {
+    let prepared = {
+        let ctx = ctx.clone();
+        tokio::task::spawn_blocking(move || prepare(&ctx, &id)).await
+    };
+    let mut pass = match prepared {
+        Ok(Ok(pass)) => pass,
+        Ok(Err(result)) => return result,
+        Err(_) => return PassResult::Stuck,
+    };
+    if !pass.remote.is_empty() {
+        deliver_remote(&ctx, &mut pass).await;
+    }
+    tokio::task::spawn_blocking(move || finish(&ctx, pass))
+        .await
+        .unwrap_or(PassResult::Stuck)
+}
+
+/// A pass between its phases.
+struct Pass {
+    env: Envelope,
+    /// Pending recipients of other domains.
+    remote: Vec<usize>,
+    /// Recipients delivered in this pass whose sender asked to be told,
+    /// with what to tell.
+    reports: Vec<(usize, Report)>,
+}
+
+/// Read the entry, expand aliases, deliver to local Maildirs.
+fn prepare(ctx: &Context, id: &str) -> Result<Pass, PassResult> {
     let spool = &ctx.spool;
     let mut env = match spool.read_envelope(QueueState::Active, id) {
         Ok(env) => env,
         Err(e) => {
             tracing::error!("{id}: unreadable envelope, moved to corrupt: {e}");
-            return move_to_corrupt(spool, id);
+            return Err(move_to_corrupt(spool, id));
         }
     };
     if let Err(e) = spool.open_data(id) {
         // Missing, or not a regular file (a link smtpd's user could plant).
         tracing::error!("{id}: message file unusable ({e}), moved to corrupt");
-        return move_to_corrupt(spool, id);
+        return Err(move_to_corrupt(spool, id));
     }
     let (dir, stale) = ctx.directory.current();
     if let Some(e) = stale {
         tracing::error!("keeping previous tables: {e}");
     }
     expand_recipients(&mut env, &dir);
-    let mut delivered_now = Vec::new();
+    let mut remote = Vec::new();
+    let mut reports = Vec::new();
     for (i, rcpt) in env.recipients.iter_mut().enumerate() {
-        if rcpt.status == RecipientStatus::Pending {
-            deliver_one(ctx, &dir, &env.id, &env.sender, rcpt);
-            if rcpt.status == RecipientStatus::Delivered && rcpt.wants_success_report() {
-                delivered_now.push(i);
+        if rcpt.status != RecipientStatus::Pending {
+            continue;
+        }
+        match Address::parse(&rcpt.address) {
+            Err(e) => {
+                rcpt.status = RecipientStatus::Failed;
+                rcpt.last_error = Some(format!("5.1.3 bad address: {e}"));
+            }
+            Ok(address) if !dir.is_local_domain(address.domain()) => remote.push(i),
+            Ok(address) => {
+                deliver_local_recipient(ctx, &env.id, &env.sender, &address, rcpt);
+                if rcpt.status == RecipientStatus::Delivered && rcpt.wants_success_report() {
+                    reports.push((i, Report::Delivered));
+                }
             }
         }
     }
-    expire(ctx, &mut env);
-    if !delivered_now.is_empty() {
-        let delivered: Vec<&Recipient> =
-            delivered_now.iter().map(|i| &env.recipients[*i]).collect();
+    Ok(Pass {
+        env,
+        remote,
+        reports,
+    })
+}
+
+/// Send to the remote recipients and record what became of each.
+async fn deliver_remote(ctx: &Context, pass: &mut Pass) {
+    let results = ctx
+        .remote
+        .deliver(&ctx.spool, &pass.env, &pass.remote)
+        .await;
+    let id = pass.env.id.clone();
+    for (i, result) in results {
+        let rcpt = &mut pass.env.recipients[i];
+        rcpt.attempts += 1;
+        match result {
+            RemoteResult::Sent {
+                relay,
+                reply,
+                dsn_passed,
+            } => {
+                tracing::info!(
+                    "{id}: to=<{}>, relay={relay}, status=sent ({reply})",
+                    rcpt.address
+                );
+                rcpt.status = RecipientStatus::Delivered;
+                rcpt.last_error = None;
+                if rcpt.wants_success_report() && !dsn_passed {
+                    // RFC 3461 5.2.2: the next hop cannot report success.
+                    pass.reports.push((i, Report::Relayed));
+                }
+            }
+            RemoteResult::Deferred(reason) => {
+                tracing::info!("{id}: to=<{}>, status=deferred ({reason})", rcpt.address);
+                rcpt.last_error = Some(reason);
+            }
+            RemoteResult::Failed(reason) => {
+                tracing::info!("{id}: to=<{}>, status=bounced ({reason})", rcpt.address);
+                rcpt.status = RecipientStatus::Failed;
+                rcpt.last_error = Some(reason);
+            }
+        }
+    }
+}
+
+/// Send the reports, then remove the entry or park it in `deferred/`.
+fn finish(ctx: &Context, mut pass: Pass) -> PassResult {
+    let spool = &ctx.spool;
+    let id = pass.env.id.clone();
+    let env = &mut pass.env;
+    expire(ctx, env);
+    for kind in [Report::Delivered, Report::Relayed] {
+        let told: Vec<&Recipient> = pass
+            .reports
+            .iter()
+            .filter(|(_, k)| *k == kind)
+            .map(|(i, _)| &env.recipients[*i])
+            .collect();
+        if told.is_empty() {
+            continue;
+        }
         // RFC 3461 5.2.2: best effort; the mail itself is delivered.
-        if let Err(e) = bounce::queue_report(ctx, &env, &delivered, Report::Delivered) {
+        if let Err(e) = bounce::queue_report(ctx, env, &told, kind) {
             tracing::error!("{id}: cannot queue the success notification: {e}");
         }
     }
@@ -74,21 +176,15 @@ pub fn run_pass(ctx: &Context, id: &str) -> PassResult {
         .filter(|r| r.status == RecipientStatus::Failed && r.wants_failure_report())
         .collect();
     if !failed.is_empty() {
-        if let Err(e) = bounce::queue_report(ctx, &env, &failed, Report::Failed) {
+        if let Err(e) = bounce::queue_report(ctx, env, &failed, Report::Failed) {
             tracing::error!("{id}: cannot queue bounce, will retry: {e}");
-            return defer(ctx, env);
+            return defer(ctx, pass.env);
         }
     }
-    if env
-        .recipients
-        .iter()
-        .any(|r| r.status == RecipientStatus::Failed)
-    {
-        // The bounce now carries these; they are done.
-        for r in env.recipients.iter_mut() {
-            if r.status == RecipientStatus::Failed {
-                r.status = RecipientStatus::Delivered;
-            }
+    // The bounce now carries the failed ones; they are done.
+    for r in env.recipients.iter_mut() {
+        if r.status == RecipientStatus::Failed {
+            r.status = RecipientStatus::Delivered;
         }
     }
     if env
@@ -96,7 +192,7 @@ pub fn run_pass(ctx: &Context, id: &str) -> PassResult {
         .iter()
         .all(|r| r.status == RecipientStatus::Delivered)
     {
-        return match spool.remove(id, QueueState::Active) {
+        return match spool.remove(&id, QueueState::Active) {
             Ok(()) => {
                 tracing::info!("{id}: removed");
                 PassResult::Finished
@@ -107,7 +203,7 @@ pub fn run_pass(ctx: &Context, id: &str) -> PassResult {
             }
         };
     }
-    defer(ctx, env)
+    defer(ctx, pass.env)
 }
 
 /// Replace recipients as received by their final destinations.
@@ -170,24 +266,15 @@ fn resolve_error(e: &ResolveError) -> String {
     }
 }
 
-fn deliver_one(ctx: &Context, dir: &Directory, id: &str, sender: &str, rcpt: &mut Recipient) {
-    let address = match Address::parse(&rcpt.address) {
-        Ok(a) => a,
-        Err(e) => {
-            rcpt.status = RecipientStatus::Failed;
-            rcpt.last_error = Some(format!("5.1.3 bad address: {e}"));
-            return;
-        }
-    };
+fn deliver_local_recipient(
+    ctx: &Context,
+    id: &str,
+    sender: &str,
+    address: &Address,
+    rcpt: &mut Recipient,
+) {
     rcpt.attempts += 1;
-    if !dir.is_local_domain(address.domain()) {
-        // Remote delivery arrives with issue 5; until then the message
-        // waits in the deferred queue and is never dropped.
-        rcpt.last_error = Some("4.4.0 remote delivery is not available yet".into());
-        tracing::info!("{id}: to=<{address}>, status=deferred (remote delivery not available)");
-        return;
-    }
-    match deliver_local(ctx, id, sender, &address) {
+    match deliver_local(ctx, id, sender, address) {
         Ok(path) => {
             rcpt.status = RecipientStatus::Delivered;
             rcpt.last_error = None;

@@ -6,6 +6,7 @@ pub mod bounce;
 pub mod deliver;
 pub mod pickup;
 pub mod recovery;
+pub mod remote;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -38,10 +39,12 @@ pub struct Context {
     pub max_recipients: usize,
     /// Seconds after arrival to warn of a delay (0: never).
     pub delay_warning: u64,
+    /// Delivery to other mail servers.
+    pub remote: remote::Remote,
 }
 
 impl Context {
-    /// Build from the config.
+    /// Build from the config (inside the runtime).
     pub fn new(config: &Config) -> anyhow::Result<Context> {
         Ok(Context {
             spool: Spool::new(&config.paths.spool),
@@ -54,6 +57,7 @@ impl Context {
             max_queue_lifetime: config.qmgr.max_queue_lifetime,
             max_recipients: config.smtpd.max_recipients,
             delay_warning: config.qmgr.delay_warning,
+            remote: remote::Remote::new(config)?,
         })
     }
 
@@ -135,10 +139,7 @@ impl Scheduler {
         let done = self.done_tx.clone();
         tokio::spawn(async move {
             let _permit = slots.acquire_owned().await.expect("semaphore never closes");
-            let pass_id = id.clone();
-            let result = tokio::task::spawn_blocking(move || deliver::run_pass(&ctx, &pass_id))
-                .await
-                .unwrap_or(PassResult::Stuck);
+            let result = deliver::run_pass(ctx, id.clone()).await;
             let _ = done.send((id, result));
         });
     }
@@ -222,5 +223,6 @@ pub async fn run(
             _ => break,
         }
     }
+    ctx.remote.shutdown().await;
     Ok(())
 }

@@ -495,7 +495,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
             IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
         };
         let tls = match self.session.tls() {
-            Some(t) => format!("\r\n\t(using {} with cipher {})", t.version, t.cipher),
+            Some(t) => format!("\r\n\t(using {t})"),
             None => String::new(),
         };
         // RFC 3848: `with ESMTPSA` already says the client authenticated;

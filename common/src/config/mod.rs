@@ -11,6 +11,10 @@ use std::str::FromStr;
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 
+mod delivery;
+
+pub use delivery::{DeliveryConfig, DnsConfig, DomainPolicy, RelayConfig, TlsPolicy};
+
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/mailsrv/mailsrv.toml";
 
@@ -53,6 +57,12 @@ pub struct Config {
     /// Address handling shared by smtpd and qmgr.
     #[serde(default)]
     pub addresses: AddressConfig,
+    /// The name servers qmgr asks.
+    #[serde(default)]
+    pub dns: DnsConfig,
+    /// Delivery to other mail servers.
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
     /// TLS certificate and key.
     pub tls: TlsConfig,
     /// The IMAP and POP3 server.
@@ -547,6 +557,14 @@ impl Config {
         config.paths.make_absolute(base);
         absolutize(base, &mut config.tls.cert);
         absolutize(base, &mut config.tls.key);
+        if let Some(file) = config
+            .delivery
+            .relay
+            .as_mut()
+            .and_then(|r| r.credentials.as_mut())
+        {
+            absolutize(base, file);
+        }
         Ok(config)
     }
 
@@ -624,6 +642,18 @@ impl Config {
                 u64::from(self.smtpd.max_received_headers),
             ),
             ("smtpd.session_timeout", self.smtpd.session_timeout),
+            ("dns.timeout", self.dns.timeout),
+            ("dns.attempts", self.dns.attempts as u64),
+            ("delivery.remote_port", u64::from(self.delivery.remote_port)),
+            ("delivery.connect_timeout", self.delivery.connect_timeout),
+            (
+                "delivery.max_connections_per_destination",
+                self.delivery.max_connections_per_destination as u64,
+            ),
+            (
+                "delivery.max_recipients_per_transaction",
+                self.delivery.max_recipients_per_transaction as u64,
+            ),
         ];
         let access = &self.maildird.limits;
         let at_least_one = at_least_one.into_iter().chain([
@@ -668,6 +698,30 @@ impl Config {
                 "qmgr.min_backoff",
                 "must be at least 1 and at most qmgr.max_backoff",
             );
+        }
+        let implicit_policy = (self.delivery.tls == TlsPolicy::Implicit)
+            .then(|| "delivery.tls".to_string())
+            .or_else(|| {
+                self.delivery
+                    .domains
+                    .iter()
+                    .find(|(_, p)| p.tls == Some(TlsPolicy::Implicit))
+                    .map(|(d, _)| format!("delivery.domains.{d}.tls"))
+            });
+        if let Some(key) = implicit_policy {
+            // MX hosts listen on port 25, where TLS starts with STARTTLS.
+            return fail(
+                &key,
+                "must be none, may or required (implicit is for a relay host)",
+            );
+        }
+        if let Some(relay) = &self.delivery.relay {
+            if relay.host.is_empty() || relay.host.contains(char::is_whitespace) {
+                return fail("delivery.relay.host", "must be a host name or IP address");
+            }
+            if relay.port == 0 {
+                return fail("delivery.relay.port", "must be at least 1");
+            }
         }
         if let Some(p) = &self.privileges {
             if p.spool_user == p.store_user {

@@ -1,0 +1,412 @@
+//! Remote delivery: recipients of other domains are grouped by
+//! destination (their domain, or the relay host), routed (MX or relay),
+//! and sent over SMTP sessions shared between queued messages.
+
+pub mod client;
+mod credentials;
+mod pool;
+pub mod proto;
+mod route;
+mod session;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use common::config::{Config, DeliveryConfig};
+use common::spool::{Envelope, Spool};
+use futures_util::future::join_all;
+use tokio::io::AsyncReadExt;
+use tokio_rustls::TlsConnector;
+
+use proto::{MailParams, RcptParams};
+use route::{Route, Router};
+use session::{RcptResult, Session, SessionSettings, TxnRecipient};
+
+/// Largest header section examined for non-ASCII text.
+const HEADER_SCAN_LIMIT: u64 = 256 * 1024;
+
+/// What became of one remote recipient in a pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteResult {
+    /// Accepted by the next hop.
+    Sent {
+        /// `name[ip]:port` of the server.
+        relay: String,
+        /// Its reply to the end of data.
+        reply: String,
+        /// The NOTIFY request went on to a DSN server, which now answers
+        /// for it (RFC 3461 5.2.2); otherwise a "relayed" notice is ours.
+        dsn_passed: bool,
+    },
+    /// RFC 3463 status and reason.
+    Deferred(String),
+    Failed(String),
+}
+
+/// Everything remote delivery keeps between passes.
+pub struct Remote {
+    router: Router,
+    pool: pool::Pool,
+    connector: TlsConnector,
+    delivery: DeliveryConfig,
+    credentials: Option<(String, String)>,
+    hostname: String,
+}
+
+impl Remote {
+    /// Set up from the config (inside the runtime: the resolver and the
+    /// connection cache spawn tasks).
+    pub fn new(config: &Config) -> anyhow::Result<Remote> {
+        let credentials = match config
+            .delivery
+            .relay
+            .as_ref()
+            .and_then(|r| r.credentials.as_ref())
+        {
+            Some(path) => Some(credentials::load(path)?),
+            None => None,
+        };
+        let d = &config.delivery;
+        Ok(Remote {
+            router: Router {
+                resolver: common::dns::resolver(&config.dns).context("setting up DNS")?,
+                hostname: config.hostname.clone(),
+                own_listeners: config.smtpd.listen.clone(),
+                remote_port: d.remote_port,
+            },
+            pool: pool::Pool::new(
+                d.max_connections_per_destination,
+                Duration::from_secs(d.connection_cache_time),
+            ),
+            connector: client::unverified_connector(),
+            delivery: d.clone(),
+            credentials,
+            hostname: config.hostname.clone(),
+        })
+    }
+
+    /// Close cached connections.
+    pub async fn shutdown(&self) {
+        self.pool.close_all().await;
+    }
+
+    /// Deliver `env`'s recipients at `indices` (all Pending, all remote).
+    pub async fn deliver(
+        &self,
+        spool: &Spool,
+        env: &Envelope,
+        indices: &[usize],
+    ) -> Vec<(usize, RemoteResult)> {
+        let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for &i in indices {
+            let domain = env.recipients[i]
+                .address
+                .rsplit_once('@')
+                .map(|(_, d)| d.to_ascii_lowercase())
+                .unwrap_or_default();
+            let destination = if self.delivery.relay.is_some() {
+                String::new()
+            } else {
+                domain
+            };
+            groups.entry(destination).or_default().push(i);
+        }
+        let headers_utf8 = env.params.smtputf8 && headers_need_utf8(spool, &env.id).await;
+        let message = Message {
+            spool,
+            env,
+            headers_utf8,
+        };
+        join_all(
+            groups
+                .iter()
+                .map(|(destination, group)| self.deliver_group(&message, destination, group)),
+        )
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    async fn deliver_group(
+        &self,
+        message: &Message<'_>,
+        destination: &str,
+        group: &[usize],
+    ) -> Vec<(usize, RemoteResult)> {
+        let all = |r: RemoteResult| group.iter().map(|&i| (i, r.clone())).collect::<Vec<_>>();
+        let (route, tls) = match &self.delivery.relay {
+            Some(relay) => (
+                self.router.relay_route(&relay.host, relay.port).await,
+                relay.tls,
+            ),
+            None => (
+                self.router.mx_route(destination).await,
+                self.delivery.tls_for(destination),
+            ),
+        };
+        let hops = match route {
+            Route::Hops(hops) => hops,
+            Route::Fail(reason) => return all(RemoteResult::Failed(reason)),
+            Route::Defer(reason) => return all(RemoteResult::Deferred(reason)),
+        };
+        let _slot = self.pool.slot(destination).await;
+        let mut session = None;
+        if let Some(mut cached) = self.pool.take(destination) {
+            // A cached session the server has closed meanwhile is dropped.
+            if cached.reset().await {
+                session = Some(cached);
+            }
+        }
+        if session.is_none() {
+            let settings = SessionSettings {
+                helo_name: &self.hostname,
+                tls,
+                connector: &self.connector,
+                connect_timeout: Duration::from_secs(self.delivery.connect_timeout),
+                credentials: self.credentials.as_ref(),
+            };
+            let mut failures = Vec::new();
+            for hop in &hops {
+                match Session::open(hop, &settings).await {
+                    Ok(s) => {
+                        match &s.tls {
+                            Some(tls) => {
+                                tracing::info!("{}: connected to {} using {tls}", message.env.id, hop.relay())
+                            }
+                            None => {
+                                tracing::info!("{}: connected to {} without TLS", message.env.id, hop.relay())
+                            }
+                        }
+                        session = Some(s);
+                        break;
+                    }
+                    Err(f) => {
+                        tracing::info!("{}: {}", message.env.id, f.reason);
+                        failures.push(f);
+                    }
+                }
+            }
+            if session.is_none() {
+                // Bounce only when every server refused for good.
+                let permanent = failures.iter().all(|f| f.permanent);
+                let reason = failures
+                    .iter()
+                    .find(|f| f.permanent == permanent)
+                    .map(|f| f.reason.clone())
+                    .unwrap_or_default();
+                return all(if permanent {
+                    RemoteResult::Failed(reason)
+                } else {
+                    RemoteResult::Deferred(reason)
+                });
+            }
+        }
+        let mut session = session.expect("opened above");
+        let (results, reusable) = self.send(message, &mut session, group).await;
+        if reusable {
+            self.pool.put(destination, session);
+        }
+        results
+    }
+
+    /// The transactions for `group` over `session`; false when the session
+    /// broke.
+    async fn send(
+        &self,
+        message: &Message<'_>,
+        session: &mut Session,
+        group: &[usize],
+    ) -> (Vec<(usize, RemoteResult)>, bool) {
+        let env = message.env;
+        let hop = session.hop.to_string();
+        let caps = session.caps;
+        let mut results = Vec::with_capacity(group.len());
+        let fail_all = |reason: String| {
+            group
+                .iter()
+                .map(|&i| (i, RemoteResult::Failed(reason.clone())))
+                .collect()
+        };
+        if caps.size > 0 && env.size > caps.size {
+            return (
+                fail_all(format!(
+                    "5.3.4 message size {} exceeds the limit of {} bytes of {hop}",
+                    env.size, caps.size
+                )),
+                true,
+            );
+        }
+        let eight_bit = env
+            .params
+            .body
+            .as_deref()
+            .is_some_and(|b| b.eq_ignore_ascii_case("8BITMIME"));
+        if eight_bit && !caps.eight_bit_mime && has_8bit_data(message.spool, &env.id).await {
+            // RFC 6152 3: without 8BITMIME at the server, 8-bit data may
+            // not be sent; we do not convert it.
+            return (
+                fail_all(format!(
+                    "5.6.3 the message has 8-bit data and {hop} does not support 8BITMIME"
+                )),
+                true,
+            );
+        }
+        let sender_utf8 = !env.sender.is_ascii();
+        if env.params.smtputf8 && !caps.smtputf8 && (sender_utf8 || message.headers_utf8) {
+            // RFC 6531 3.2: such a message cannot be downgraded.
+            return (
+                fail_all(format!(
+                    "5.6.7 the message needs SMTPUTF8 (non-ASCII {}) and {hop} does not support it",
+                    if sender_utf8 {
+                        "sender address"
+                    } else {
+                        "header fields"
+                    }
+                )),
+                true,
+            );
+        }
+        let mut sendable = Vec::with_capacity(group.len());
+        for &i in group {
+            let address = &env.recipients[i].address;
+            if !caps.smtputf8 && !address.is_ascii() {
+                results.push((
+                    i,
+                    RemoteResult::Failed(format!(
+                        "5.6.7 the recipient address needs SMTPUTF8 and {hop} does not support it"
+                    )),
+                ));
+            } else {
+                sendable.push(i);
+            }
+        }
+        let params = MailParams {
+            size: caps.size.gt(&0).then_some(env.size),
+            eight_bit: eight_bit && caps.eight_bit_mime,
+            smtputf8: env.params.smtputf8 && caps.smtputf8,
+            ret: env.params.ret.clone().filter(|_| caps.dsn),
+            envid: env.params.envid.clone().filter(|_| caps.dsn),
+        };
+        let per_transaction = self.delivery.max_recipients_per_transaction;
+        for batch in sendable.chunks(per_transaction) {
+            let rcpts: Vec<TxnRecipient> = batch
+                .iter()
+                .map(|&i| {
+                    let r = &env.recipients[i];
+                    TxnRecipient {
+                        address: r.address.clone(),
+                        params: if caps.dsn {
+                            RcptParams {
+                                notify: r.notify.map(|n| notify_value(&n)),
+                                orcpt: r.orcpt.clone().or_else(|| r.original.clone()),
+                            }
+                        } else {
+                            RcptParams::default()
+                        },
+                    }
+                })
+                .collect();
+            let file = match message.spool.open_data(&env.id) {
+                Ok(f) => tokio::fs::File::from_std(f),
+                Err(e) => {
+                    let reason = format!("4.3.0 cannot read the queued message: {e}");
+                    results.extend(
+                        batch
+                            .iter()
+                            .map(|&i| (i, RemoteResult::Deferred(reason.clone()))),
+                    );
+                    continue;
+                }
+            };
+            match session
+                .transaction(&env.sender, &params, &rcpts, file)
+                .await
+            {
+                Ok(replies) => {
+                    results.extend(batch.iter().zip(replies).map(|(&i, reply)| {
+                        let result = match reply {
+                            RcptResult::Sent(reply) => RemoteResult::Sent {
+                                relay: session.hop.relay(),
+                                reply,
+                                dsn_passed: caps.dsn,
+                            },
+                            RcptResult::Deferred(r) => RemoteResult::Deferred(r),
+                            RcptResult::Failed(r) => RemoteResult::Failed(r),
+                        };
+                        (i, result)
+                    }));
+                }
+                Err(e) => {
+                    let reason = format!("4.4.2 lost connection with {hop}: {e}");
+                    let done: Vec<usize> = results.iter().map(|(i, _)| *i).collect();
+                    results.extend(
+                        group
+                            .iter()
+                            .filter(|i| !done.contains(i))
+                            .map(|&i| (i, RemoteResult::Deferred(reason.clone()))),
+                    );
+                    return (results, false);
+                }
+            }
+        }
+        (results, true)
+    }
+}
+
+/// One message being delivered.
+struct Message<'a> {
+    spool: &'a Spool,
+    env: &'a Envelope,
+    headers_utf8: bool,
+}
+
+/// RFC 3461 4.1 NOTIFY value.
+fn notify_value(n: &common::spool::Notify) -> String {
+    let mut v = Vec::new();
+    if n.success {
+        v.push("SUCCESS");
+    }
+    if n.failure {
+        v.push("FAILURE");
+    }
+    if n.delay {
+        v.push("DELAY");
+    }
+    if v.is_empty() {
+        "NEVER".into()
+    } else {
+        v.join(",")
+    }
+}
+
+async fn headers_need_utf8(spool: &Spool, id: &str) -> bool {
+    let Ok(file) = spool.open_data(id) else {
+        return false;
+    };
+    let mut head = Vec::new();
+    let _ = tokio::fs::File::from_std(file)
+        .take(HEADER_SCAN_LIMIT)
+        .read_to_end(&mut head)
+        .await;
+    proto::headers_need_utf8(&head)
+}
+
+/// Whether the message has any byte above 127 (read in full; only for
+/// the rare 8BITMIME message to a server without 8BITMIME).
+async fn has_8bit_data(spool: &Spool, id: &str) -> bool {
+    let Ok(file) = spool.open_data(id) else {
+        return true;
+    };
+    let mut file = tokio::fs::File::from_std(file);
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        match file.read(&mut chunk).await {
+            Ok(0) => return false,
+            Ok(n) if !chunk[..n].is_ascii() => return true,
+            Ok(_) => {}
+            Err(_) => return true,
+        }
+    }
+}
