@@ -118,3 +118,43 @@ def test_cron_style_call_and_headerless_input(mailsrv):
     head, _, body = content.partition(b"\n\n")
     assert body == b"just a line of text\nand another\n", content
     assert header(content, "Date") and header(content, "From")
+
+
+def test_bs_takes_a_pipelined_smtp_session_from_swaks(mailsrv):
+    """`sendmail -bs`: swaks drives an SMTP session over the command's
+    standard input and output; the message is queued via the maildrop."""
+    srv = mailsrv
+    srv.add_user(ALICE)
+    env = {**os.environ, "MAILSRV_CONFIG": str(srv.config_path)}
+    result = subprocess.run(
+        ["swaks", "--pipe", f"{SENDMAIL} -bs", "--from", "robot@example.test",
+         "--to", ALICE, "--header", "Subject: over -bs", "--body", ".dotted\nplain",
+         "--pipeline"],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "<-  250 2.0.0 Ok: queued as" in result.stdout, result.stdout
+    assert "STARTTLS" not in result.stdout and "AUTH" not in result.stdout
+    [path] = srv.wait_for_messages(ALICE, 1, timeout=15)
+    content = path.read_bytes()
+    assert header(content, "Subject") == "over -bs"
+    assert content.startswith(b"Return-Path: <robot@example.test>\n"), content[:200]
+    assert b"\n.dotted\n" in content, "the client's dot-stuffing is undone"
+
+
+def test_bs_refuses_what_a_local_session_cannot_do(mailsrv):
+    srv = mailsrv
+    env = {**os.environ, "MAILSRV_CONFIG": str(srv.config_path)}
+    session = (b"EHLO me\r\nSTARTTLS\r\nAUTH PLAIN AGJvYgBwdw==\r\n"
+               b"MAIL FROM:<a@example.test>\r\nRCPT TO:<x@far.example>\r\n"
+               b"BDAT 6 LAST\r\nQUIT\r\nRSET\r\n" + b"X" * 2000 + b"\r\nQUIT\r\n")
+    result = subprocess.run([str(SENDMAIL), "-bs"], input=session, env=env,
+                            capture_output=True, timeout=30)
+    replies = result.stdout.decode().splitlines()
+    assert result.returncode == 0, result.stderr
+    assert replies[0].startswith("220 "), replies
+    assert "250-DSN" not in replies and "250-CHUNKING" not in replies, replies
+    codes = [r[:3] for r in replies if not r.startswith("250-")][1:]
+    # EHLO, STARTTLS, AUTH, MAIL, RCPT (any domain: a local user), BDAT and
+    # its 6 bytes ("QUIT\r\n") dropped, RSET, the overlong line, QUIT.
+    assert codes == ["250", "502", "503", "250", "250", "502", "250", "500", "221"], replies
+    assert list((srv.spool_dir / "maildrop").iterdir()) == []

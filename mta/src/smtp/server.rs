@@ -33,16 +33,7 @@ pub struct Settings {
 impl Settings {
     /// Derive session settings from the config.
     pub fn new(config: Config, tls: TlsAcceptor) -> Settings {
-        let s = &config.smtpd;
-        let limits = SessionLimits {
-            hostname: config.hostname.clone(),
-            max_message_size: s.max_message_size,
-            max_recipients: s.max_recipients,
-            max_errors: s.max_errors,
-            max_junk_commands: s.max_junk_commands,
-            relay_networks: s.relay_networks.clone(),
-            allow_plaintext_auth: s.allow_plaintext_auth,
-        };
+        let limits = SessionLimits::new(&config);
         Settings {
             config,
             limits,

@@ -28,6 +28,22 @@ pub struct SessionLimits {
     pub allow_plaintext_auth: bool,
 }
 
+impl SessionLimits {
+    /// The limits the config sets.
+    pub fn new(config: &common::config::Config) -> SessionLimits {
+        let s = &config.smtpd;
+        SessionLimits {
+            hostname: config.hostname.clone(),
+            max_message_size: s.max_message_size,
+            max_recipients: s.max_recipients,
+            max_errors: s.max_errors,
+            max_junk_commands: s.max_junk_commands,
+            relay_networks: s.relay_networks.clone(),
+            allow_plaintext_auth: s.allow_plaintext_auth,
+        }
+    }
+}
+
 /// The kind of listener a session came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Port {
@@ -38,11 +54,14 @@ pub enum Port {
     Submission,
     /// Submission over implicit TLS (465, RFC 8314).
     Submissions,
+    /// `sendmail -bs`: a local user on standard input; no TLS or AUTH,
+    /// and mail may go anywhere, as with `sendmail` recipients.
+    Local,
 }
 
 impl Port {
     fn takes_auth(self) -> bool {
-        self != Port::Mx
+        matches!(self, Port::Submission | Port::Submissions)
     }
 }
 
@@ -141,7 +160,8 @@ impl Session {
         client_ip: IpAddr,
         tls: Option<TlsSummary>,
     ) -> Session {
-        let may_relay = limits.relay_networks.iter().any(|n| n.contains(client_ip));
+        let may_relay =
+            port == Port::Local || limits.relay_networks.iter().any(|n| n.contains(client_ip));
         Session {
             limits,
             port,
@@ -398,12 +418,15 @@ impl Session {
             "8BITMIME".into(),
             "ENHANCEDSTATUSCODES".into(),
             "SMTPUTF8".into(),
-            "CHUNKING".into(),
-            "DSN".into(),
             "HELP".into(),
         ];
-        if self.tls.is_none() {
-            lines.push("STARTTLS".into());
+        // The maildrop keeps sender and recipients only: no DSN for -bs.
+        if self.port != Port::Local {
+            lines.push("DSN".into());
+            lines.push("CHUNKING".into());
+            if self.tls.is_none() {
+                lines.push("STARTTLS".into());
+            }
         }
         if self.auth_offered() {
             lines.push("AUTH PLAIN LOGIN".into());
@@ -422,6 +445,9 @@ impl Session {
     }
 
     fn starttls(&mut self) -> Action {
+        if self.port == Port::Local {
+            return reply(502, "5.5.1", "STARTTLS is for network clients");
+        }
         if self.tls.is_some() {
             return reply(503, "5.5.1", "TLS already active");
         }
@@ -652,6 +678,10 @@ impl Session {
             reply: Some(r),
         };
         match self.tx.as_mut() {
+            // The -bs loop reads line by line; it has no chunk reader.
+            _ if self.port == Port::Local => {
+                refuse(Reply::new(502, "5.5.1", "BDAT is not available here"))
+            }
             None => refuse(Reply::new(503, "5.5.1", "Need MAIL command")),
             Some(tx) if tx.recipients.is_empty() => {
                 refuse(Reply::new(554, "5.5.1", "No valid recipients"))

@@ -173,10 +173,18 @@ impl Remote {
                     Ok(s) => {
                         match &s.tls {
                             Some(tls) => {
-                                tracing::info!("{}: connected to {} using {tls}", message.env.id, hop.relay())
+                                tracing::info!(
+                                    "{}: connected to {} using {tls}",
+                                    message.env.id,
+                                    hop.relay()
+                                )
                             }
                             None => {
-                                tracing::info!("{}: connected to {} without TLS", message.env.id, hop.relay())
+                                tracing::info!(
+                                    "{}: connected to {} without TLS",
+                                    message.env.id,
+                                    hop.relay()
+                                )
                             }
                         }
                         session = Some(s);

@@ -8,11 +8,14 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod smtp_stdin;
+
 use common::address::Address;
 use common::config::Config;
 use common::maildrop::{self, DropEnvelope};
 use common::queue_id::new_queue_id;
 use common::spool::QueueState;
+use mailsrv_mta::smtp::session::{Port, Session, SessionLimits, Transaction};
 
 /// sysexits.h
 const EX_USAGE: u8 = 64;
@@ -64,6 +67,8 @@ enum Mode {
     ListQueue,
     /// -q: retry the queue now.
     Flush,
+    /// -bs: SMTP on standard input and output.
+    Smtp,
 }
 
 fn parse_args(args: &[String]) -> Result<Options, Failure> {
@@ -99,11 +104,7 @@ fn parse_args(args: &[String]) -> Result<Options, Failure> {
             "bp" => o.mode = Mode::ListQueue,
             "bm" => o.mode = Mode::Deliver,
             "q" => o.mode = Mode::Flush,
-            "bs" => {
-                return Err(usage(
-                    "-bs (SMTP on standard input) is not supported yet".into(),
-                ))
-            }
+            "bs" => o.mode = Mode::Smtp,
             // Error reporting, delivery mode, verbosity and other -o
             // options change nothing here (Postfix ignores them too).
             f if f.starts_with('o') || f.starts_with('d') || f == "v" || f == "n" => {}
@@ -132,6 +133,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
         Mode::ListQueue => mailctl(&config, &config_path, &["queue", "list"]),
         Mode::Flush => mailctl(&config, &config_path, &["queue", "flush"]),
         Mode::Deliver => deliver(&config, options),
+        Mode::Smtp => smtp_session(&config),
     }
 }
 
@@ -223,6 +225,47 @@ fn deliver(config: &Config, options: Options) -> Result<(), Failure> {
             ),
         )),
         Err(e) => Err(write_failure(&dir, e)),
+    }
+}
+
+/// `-bs`: take messages over SMTP on standard input (RFC 5321 over a
+/// pipe), each written to the maildrop like a command-line message.
+fn smtp_session(config: &Config) -> Result<(), Failure> {
+    let (login, _, uid) = caller();
+    let dir = common::spool::Spool::new(&config.paths.spool).dir(QueueState::Maildrop);
+    let mut store = |tx: &Transaction, message: &mut dyn Read| {
+        let id = new_queue_id();
+        let envelope = DropEnvelope {
+            sender: tx.sender.clone(),
+            recipients: tx.recipients.iter().map(|r| r.address.clone()).collect(),
+            user: login.clone(),
+            uid,
+        };
+        maildrop::write(&dir, &id, &envelope, &mut ReadRef(message)).map(|_| id)
+    };
+    let session = Session::new(
+        SessionLimits::new(config),
+        Port::Local,
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        None,
+    );
+    smtp_stdin::serve(
+        session,
+        &mut std::io::stdin().lock(),
+        &mut std::io::stdout().lock(),
+        config.smtpd.max_line_length,
+        config.smtpd.max_message_size,
+        &mut store,
+    )
+    .map_err(|e| Failure(EX_SOFTWARE, format!("-bs session: {e}")))
+}
+
+/// A `&mut dyn Read` as a sized reader.
+struct ReadRef<'a>(&'a mut dyn Read);
+
+impl Read for ReadRef<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
     }
 }
 
