@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import pytest
 
+from conftest import BIN_DIR
 from mailtest import (
     CLIENT_NAME, LOCALHOST, header, imap_fetch, imap_ok, insecure_tls_context, make_message,
     wait_until,
@@ -178,8 +179,10 @@ def test_daemons_drop_privileges_and_keep_apart(make_mailsrv):
     assert creds["qmgr"]["uids"][0] == store_user.pw_uid, creds["qmgr"]
     assert creds["maildird"]["uids"][0] == store_user.pw_uid, creds["maildird"]
     assert creds["smtpd"]["groups"] == sorted({spool_user.pw_gid, secret_gid}), creds["smtpd"]
+    drop_gid = grp.getgrnam(srv.config()["privileges"].get("maildrop_group",
+                                                            "mailsrv-drop")).gr_gid
     assert creds["qmgr"]["groups"] == sorted({store_user.pw_gid, secret_gid,
-                                             spool_user.pw_gid}), creds["qmgr"]
+                                             spool_user.pw_gid, drop_gid}), creds["qmgr"]
     assert creds["maildird"]["groups"] == sorted({store_user.pw_gid, secret_gid}), \
         creds["maildird"]
 
@@ -338,3 +341,58 @@ def test_spool_links_and_fifos_are_refused(make_mailsrv):
     wait_until(lambda: (spool / "corrupt" / link_id).exists(), 15, "the linked entry set aside")
     wait_until(lambda: (spool / "corrupt" / fifo_id).exists(), 15, "the FIFO set aside")
     assert srv.messages(BOB) == [], "a message file that is a link was delivered"
+
+
+def run_sendmail_as_nobody(program: Path, config: Path, *args: str,
+                           input: bytes) -> subprocess.CompletedProcess:
+    """Run `program` as the unprivileged user nobody (no supplementary
+    groups), with the installation's config in $MAILSRV_CONFIG."""
+    env = {"PATH": os.environ["PATH"], "MAILSRV_CONFIG": str(config)}
+    nobody = pwd.getpwnam("nobody")
+    return subprocess.run([str(program), *args], input=input, env=env, capture_output=True,
+                          user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[],
+                          timeout=30)
+
+
+def test_any_user_queues_mail_through_a_setgid_sendmail(make_mailsrv):
+    """Installed setgid to the maildrop group (as Postfix's postdrop), the
+    sendmail of any local user reaches the maildrop and nothing else; the
+    message is attributed to that user, and a config the user could have
+    written is refused."""
+    srv = make_mailsrv(users=[ALICE], privileged=True)
+    drop_group = srv.config()["privileges"].get("maildrop_group", "mailsrv-drop")
+    maildrop = srv.spool_dir / "maildrop"
+    st = maildrop.stat()
+    assert oct(st.st_mode & 0o7777) == oct(0o3730), oct(st.st_mode)
+    assert grp.getgrgid(st.st_gid).gr_name == drop_group
+    assert oct(srv.config_path.stat().st_mode & 0o777) == oct(0o644)
+
+    # What a package's install step does; and the same program without
+    # the setgid bit.
+    srv.root.chmod(0o755)
+    installed, plain = srv.root / "sendmail", srv.root / "sendmail-plain"
+    for copy in (installed, plain):
+        copy.write_bytes((BIN_DIR / "sendmail").read_bytes())
+        copy.chmod(0o755)
+    os.chown(installed, 0, grp.getgrnam(drop_group).gr_gid)
+    installed.chmod(0o2755)
+
+    message = f"To: {ALICE}\nSubject: from nobody\n\nhello\n".encode()
+    refused = run_sendmail_as_nobody(plain, srv.config_path, "-t", input=message)
+    assert refused.returncode == 77, refused  # EX_NOPERM: no way into the maildrop
+
+    result = run_sendmail_as_nobody(installed, srv.config_path, "-t", input=message)
+    assert result.returncode == 0, result.stderr.decode()
+    [path] = srv.wait_for_messages(ALICE, 1, timeout=15)
+    content = path.read_bytes()
+    uid = pwd.getpwnam("nobody").pw_uid
+    assert f"from userid {uid}" in content.decode(), content[:400]
+    assert content.startswith(f"Return-Path: <nobody@{srv.hostname}>\n".encode())
+
+    # A config nobody could have written is not read by the setgid program.
+    forged = srv.root / "forged.toml"
+    forged.write_text(srv.config_path.read_text())
+    os.chown(forged, uid, -1)
+    refused = run_sendmail_as_nobody(installed, forged, "-t", input=message)
+    assert refused.returncode == 77, refused
+    assert b"refusing it in a setgid sendmail" in refused.stderr, refused.stderr

@@ -4,8 +4,9 @@
 //! `sendmail` writes one file, `spool/maildrop/<id>`: the line
 //! `MAILSRV-MAILDROP 1`, one line of JSON ([`DropEnvelope`]), then the
 //! message as the program gave it (LF or CRLF line ends). It writes
-//! `<id>.tmp`, fsyncs it, renames it to `<id>` and fsyncs the directory,
-//! and only then exits 0. qmgr's pickup treats the file as untrusted
+//! `<id>.tmp`, fsyncs it, renames it to `<id>` and fsyncs the directory
+//! (or, for a setgid sendmail that cannot read the directory, the file
+//! again), and only then exits 0. qmgr's pickup treats the file as untrusted
 //! input: it checks it, turns it into a normal queue entry (CRLF data,
 //! its own `Received:`), and removes it.
 
@@ -89,7 +90,15 @@ pub fn write(
         io::copy(message, &mut f)?;
         f.sync_all()?;
         std::fs::rename(&tmp, &done)?;
-        safeio::sync_dir(dir)
+        match safeio::sync_dir(dir) {
+            // A setgid sendmail may write into the maildrop but not read
+            // it, so it cannot open the directory to fsync it. The rename
+            // changed the file's ctime, so on a journaling file system
+            // (ext4, XFS, btrfs) an fsync of the file commits the rename
+            // with it.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => f.sync_all(),
+            other => other,
+        }
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -91,6 +91,7 @@ pub fn identity(privileges: &PrivilegesConfig, role: Role) -> Result<Identity, P
     let mut groups = vec![gid, group(&privileges.secret_group)?];
     if role == Role::Qmgr {
         groups.push(user(&privileges.spool_user)?.1);
+        groups.push(group(&privileges.maildrop_group)?);
     }
     groups.dedup();
     Ok(Identity {
@@ -171,6 +172,7 @@ mod tests {
             spool_user: "no-such-user-mailsrv-test".into(),
             store_user: "root".into(),
             secret_group: "root".into(),
+            maildrop_group: "no-such-group-mailsrv-test".into(),
         };
         let e = identity(&p, Role::Smtpd).unwrap_err().to_string();
         assert!(

@@ -101,6 +101,15 @@ pub fn run(args: &InitArgs) -> anyhow::Result<()> {
             "  users       smtpd as {}, qmgr and maildird as {}, secrets group {}",
             p.spool_user, p.store_user, p.secret_group
         );
+        println!(
+            "  sendmail    for every user: install -g {} -m 2755 {} /usr/sbin/sendmail",
+            p.maildrop_group,
+            config
+                .paths
+                .binary_dir()
+                .map(|d| d.join("sendmail").display().to_string())
+                .unwrap_or_else(|_| "sendmail".into())
+        );
     }
     println!("  mail        {}", dir.join("mail").display());
     println!(

@@ -4,10 +4,13 @@
 //!
 //! | path | owner:group | mode |
 //! |---|---|---|
-//! | config, users, aliases, domains | root:secret_group | 0640 |
+//! | config | root:secret_group | 0644 (holds no secret; sendmail, run by any user, reads it) |
+//! | users, aliases, domains | root:secret_group | 0640 |
 //! | TLS key | root:root | 0600 (read as root at start; master hands it over on reload) |
 //! | TLS certificate | root:root | 0644 |
-//! | spool and its state directories | spool_user:spool group | 2770 |
+//! | spool | spool_user:spool group | 2771 (others may pass through to the maildrop) |
+//! | spool state directories | spool_user:spool group | 2770 |
+//! | spool/maildrop | store_user:maildrop_group | 3730 (sticky, setgid: a setgid-maildrop_group sendmail writes, only qmgr lists and reads) |
 //! | mail root | store_user:store group | 0770 |
 //! | everything under the mail root | store_user:store group | as made |
 
@@ -28,9 +31,11 @@ pub fn is_root() -> bool {
 /// Create the secret group and the two users when missing, as system
 /// accounts with no home and no login shell.
 pub fn ensure_accounts(p: &PrivilegesConfig) -> anyhow::Result<()> {
-    if group(&p.secret_group).is_err() {
-        run(Command::new("groupadd").args(["--system", &p.secret_group]))?;
-        println!("created system group {}", p.secret_group);
+    for name in [&p.secret_group, &p.maildrop_group] {
+        if group(name).is_err() {
+            run(Command::new("groupadd").args(["--system", name]))?;
+            println!("created system group {name}");
+        }
     }
     for (name, role) in [
         (&p.spool_user, "mailsrv smtpd, spool owner"),
@@ -74,7 +79,8 @@ pub fn apply_ownership(config: &Config, config_path: &Path) -> anyhow::Result<()
     let (spool_uid, spool_gid) = user(&p.spool_user)?;
     let root = Uid::from_raw(0);
     let paths = &config.paths;
-    for file in [config_path, &paths.users, &paths.aliases, &paths.domains] {
+    set(config_path, root, secret, 0o644)?;
+    for file in [&paths.users, &paths.aliases, &paths.domains] {
         set(file, root, secret, 0o640)?;
     }
     let root_group = Gid::from_raw(0);
@@ -83,9 +89,17 @@ pub fn apply_ownership(config: &Config, config_path: &Path) -> anyhow::Result<()
     let spool = common::spool::Spool::new(&paths.spool);
     spool.create_dirs().context("creating the spool")?;
     set_tree(&paths.spool, spool_uid, spool_gid, Some(0o2770))?;
+    set(&paths.spool, spool_uid, spool_gid, 0o2771)?;
+    let (store_uid, store_gid) = user(&p.store_user)?;
+    let drop_gid = group(&p.maildrop_group)?;
+    set(
+        &spool.dir(common::spool::QueueState::Maildrop),
+        store_uid,
+        drop_gid,
+        0o3730,
+    )?;
     std::fs::create_dir_all(&paths.mail_root)
         .with_context(|| format!("creating {}", paths.mail_root.display()))?;
-    let (store_uid, store_gid) = user(&p.store_user)?;
     // A new installation: nothing in it yet that another user could have
     // replaced. smtpd must not get through to any Maildir.
     set_tree(&paths.mail_root, store_uid, store_gid, Some(0o770))?;

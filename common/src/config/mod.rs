@@ -89,6 +89,11 @@ pub struct PrivilegesConfig {
     /// every daemon gets it as a supplementary group.
     #[serde(default = "default_secret_group")]
     pub secret_group: String,
+    /// The group `sendmail` is installed setgid to: it may write into the
+    /// maildrop and nothing else, so any local user can queue mail
+    /// (Postfix's postdrop). qmgr gets it to read what is dropped.
+    #[serde(default = "default_maildrop_group")]
+    pub maildrop_group: String,
 }
 
 fn default_spool_user() -> String {
@@ -96,6 +101,9 @@ fn default_spool_user() -> String {
 }
 fn default_store_user() -> String {
     "vmail".into()
+}
+fn default_maildrop_group() -> String {
+    "mailsrv-drop".into()
 }
 fn default_secret_group() -> String {
     "mailkeys".into()
@@ -724,6 +732,13 @@ impl Config {
             }
         }
         if let Some(p) = &self.privileges {
+            if p.maildrop_group == p.secret_group {
+                // A setgid sendmail must not reach the secrets.
+                return fail(
+                    "privileges.maildrop_group",
+                    "must differ from privileges.secret_group",
+                );
+            }
             if p.spool_user == p.store_user {
                 // design.md: smtpd must not be able to read the Maildirs.
                 return fail(

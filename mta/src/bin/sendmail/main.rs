@@ -128,6 +128,7 @@ fn parse_args(args: &[String]) -> Result<Options, Failure> {
 fn run(args: &[String]) -> Result<(), Failure> {
     let options = parse_args(args)?;
     let config_path = Config::locate(options.config.as_deref());
+    trusted_config(&config_path)?;
     let config = Config::load(&config_path).map_err(|e| Failure(EX_CONFIG, e.to_string()))?;
     match options.mode {
         Mode::ListQueue => mailctl(&config, &config_path, &["queue", "list"]),
@@ -135,6 +136,32 @@ fn run(args: &[String]) -> Result<(), Failure> {
         Mode::Deliver => deliver(&config, options),
         Mode::Smtp => smtp_session(&config),
     }
+}
+
+/// Installed setgid to the maildrop group, sendmail may write into the
+/// maildrop for any user; a config that user wrote could aim that write
+/// elsewhere, so (like Postfix's postdrop with alternate configs) only a
+/// config that root owns and only root can change is read then.
+fn trusted_config(path: &std::path::Path) -> Result<(), Failure> {
+    use std::os::unix::fs::MetadataExt;
+    let setgid = nix::unistd::getegid() != nix::unistd::getgid();
+    if !setgid || nix::unistd::getuid().is_root() {
+        return Ok(());
+    }
+    let refuse = |why: &str| {
+        Failure(
+            EX_NOPERM,
+            format!(
+                "{}: {why}; refusing it in a setgid sendmail",
+                path.display()
+            ),
+        )
+    };
+    let meta = std::fs::metadata(path).map_err(|e| refuse(&e.to_string()))?;
+    if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        return Err(refuse("not owned by root, or writable by others than root"));
+    }
+    Ok(())
 }
 
 /// Hand over to mailctl for the queue commands.
