@@ -18,6 +18,7 @@ pub mod password;
 pub mod privileges;
 pub mod queue_id;
 pub mod recipients;
+pub mod relay_credentials;
 pub mod safeio;
 pub mod spool;
 pub mod textdb;

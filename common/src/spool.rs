@@ -132,6 +132,19 @@ pub struct Recipient {
     /// RFC 3461 NOTIFY; None when the client gave none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<Notify>,
+    /// The remote server's reply that `last_error` reports, if it came
+    /// from one (RFC 3464 Remote-MTA and Diagnostic-Code).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_reply: Option<RemoteReply>,
+}
+
+/// A reply of another mail server about one recipient.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteReply {
+    /// The server's host name.
+    pub mta: String,
+    /// Its reply: code, enhanced code and text, on one line.
+    pub reply: String,
 }
 
 /// Which delivery status notifications a recipient's sender asked for
@@ -154,6 +167,7 @@ impl Recipient {
             attempts: 0,
             last_error: None,
             notify: None,
+            remote_reply: None,
         }
     }
 

@@ -30,6 +30,14 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(file) = config
+        .delivery
+        .relay
+        .as_ref()
+        .and_then(|r| r.credentials.as_ref())
+    {
+        common::relay_credentials::load(file)?;
+    }
     startable(&config)?;
     println!("{}: ok", config_path.display());
     Ok(())

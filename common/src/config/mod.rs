@@ -823,8 +823,9 @@ fn key_span(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
     for line in text.split_inclusive('\n') {
         let trimmed = line.trim();
         if let Some(header) = trimmed.strip_prefix('[') {
-            let name = header.trim_end_matches(']').trim();
-            in_table = table == Some(name);
+            // [delivery.domains."x.test"] is the table delivery.domains.x.test.
+            let name = header.trim_end_matches(']').trim().replace('"', "");
+            in_table = table == Some(name.as_str());
         } else if in_table {
             if let Some((k, _)) = trimmed.split_once('=') {
                 if k.trim() == leaf {
@@ -898,6 +899,28 @@ key = "tls/key.pem"
             "{e}"
         );
         assert!(e.contains("prefix length"), "{e}");
+    }
+
+    #[test]
+    fn delivery_policy_errors_name_their_line() {
+        let text = format!("{GOOD}\n[delivery.domains.\"b.test\"]\ntls = \"implicit\"\n");
+        let e = parse(&text).unwrap_err().to_string();
+        let line = text.lines().count();
+        assert!(
+            e.starts_with(&format!("/etc/m.toml:{line}: delivery.domains.b.test.tls:")),
+            "{e}"
+        );
+        let text = format!("{GOOD}\n[delivery.relay]\nhost = \"\"\n");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("delivery.relay.host: must be a host name"),
+            "{e}"
+        );
+        let text = format!("{GOOD}\n[dns]\nservers = [\"127.0.0.1\"]\n");
+        assert!(parse(&text)
+            .unwrap_err()
+            .to_string()
+            .contains("dns.servers[0]"));
     }
 
     #[test]

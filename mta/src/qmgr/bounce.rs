@@ -169,8 +169,17 @@ fn report(
                 let status = reason.split_whitespace().next().unwrap_or("5.0.0");
                 human.push_str(&format!("<{shown}>: {reason}\r\n"));
                 machine.push_str(&format!(
-                    "Final-Recipient: rfc822; {shown}\r\nAction: {action}\r\nStatus: {status}\r\nDiagnostic-Code: X-mailsrv; {reason}\r\n"
+                    "Final-Recipient: rfc822; {shown}\r\nAction: {action}\r\nStatus: {status}\r\n"
                 ));
+                // RFC 3464 2.3.5 and 2.3.6: the server's own words when a
+                // server refused, else ours.
+                match &r.remote_reply {
+                    Some(remote) => machine.push_str(&format!(
+                        "Remote-MTA: dns; {}\r\nDiagnostic-Code: smtp; {}\r\n",
+                        remote.mta, remote.reply
+                    )),
+                    None => machine.push_str(&format!("Diagnostic-Code: X-mailsrv; {reason}\r\n")),
+                }
             }
             Report::Delivered | Report::Relayed => {
                 let how = match kind {

@@ -131,19 +131,24 @@ async fn deliver_remote(ctx: &Context, pass: &mut Pass) {
                 );
                 rcpt.status = RecipientStatus::Delivered;
                 rcpt.last_error = None;
+                rcpt.remote_reply = None;
                 if rcpt.wants_success_report() && !dsn_passed {
                     // RFC 3461 5.2.2: the next hop cannot report success.
                     pass.reports.push((i, Report::Relayed));
                 }
             }
-            RemoteResult::Deferred(reason) => {
+            RemoteResult::Deferred(failure) => {
+                let reason = &failure.reason;
                 tracing::info!("{id}: to=<{}>, status=deferred ({reason})", rcpt.address);
-                rcpt.last_error = Some(reason);
+                rcpt.last_error = Some(failure.reason);
+                rcpt.remote_reply = failure.reply;
             }
-            RemoteResult::Failed(reason) => {
+            RemoteResult::Failed(failure) => {
+                let reason = &failure.reason;
                 tracing::info!("{id}: to=<{}>, status=bounced ({reason})", rcpt.address);
                 rcpt.status = RecipientStatus::Failed;
-                rcpt.last_error = Some(reason);
+                rcpt.last_error = Some(failure.reason);
+                rcpt.remote_reply = failure.reply;
             }
         }
     }
@@ -242,6 +247,7 @@ fn expand_recipients(env: &mut Envelope, dir: &Directory) {
                             attempts: 0,
                             last_error: None,
                             notify: r.notify,
+                            remote_reply: None,
                         });
                     }
                 }
@@ -290,6 +296,7 @@ fn deliver_local_recipient(
         }
         Err(e) => {
             rcpt.last_error = Some(format!("4.2.0 local delivery failed: {e}"));
+            rcpt.remote_reply = None;
             tracing::warn!("{id}: to=<{address}>, relay=local, status=deferred ({e})");
         }
     }

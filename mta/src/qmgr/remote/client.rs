@@ -17,9 +17,9 @@ use tokio_rustls::TlsConnector;
 /// RFC 5321 4.5.3.2: initial 220 message, MAIL and RCPT: 5 minutes (also
 /// used for EHLO, STARTTLS, AUTH and RSET).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
-/// RFC 5321 4.5.3.2.3: DATA initiation, 2 minutes.
+/// RFC 5321 4.5.3.2.4: DATA initiation, 2 minutes.
 pub const DATA_TIMEOUT: Duration = Duration::from_secs(120);
-/// RFC 5321 4.5.3.2.4: each data block, 3 minutes.
+/// RFC 5321 4.5.3.2.5: each data block, 3 minutes.
 pub const BLOCK_TIMEOUT: Duration = Duration::from_secs(180);
 /// RFC 5321 4.5.3.2.6: the reply to the final dot, 10 minutes.
 pub const FINAL_TIMEOUT: Duration = Duration::from_secs(600);

@@ -3,7 +3,6 @@
 //! and sent over SMTP sessions shared between queued messages.
 
 pub mod client;
-mod credentials;
 mod pool;
 pub mod proto;
 mod route;
@@ -13,8 +12,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use common::config::{Config, DeliveryConfig};
-use common::spool::{Envelope, Spool};
+use common::config::{Config, DeliveryConfig, TlsPolicy};
+use common::spool::{Envelope, RemoteReply, Spool};
 use futures_util::future::join_all;
 use tokio::io::AsyncReadExt;
 use tokio_rustls::TlsConnector;
@@ -39,9 +38,27 @@ pub enum RemoteResult {
         /// for it (RFC 3461 5.2.2); otherwise a "relayed" notice is ours.
         dsn_passed: bool,
     },
-    /// RFC 3463 status and reason.
-    Deferred(String),
-    Failed(String),
+    Deferred(Failure),
+    Failed(Failure),
+}
+
+/// Why a recipient was not delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// RFC 3463 status and reason, for logs, the queue and reports.
+    pub reason: String,
+    /// The server's reply, when a server refused.
+    pub reply: Option<RemoteReply>,
+}
+
+impl Failure {
+    /// A failure of ours (DNS, policy, local checks), not a server's reply.
+    fn local(reason: String) -> Failure {
+        Failure {
+            reason,
+            reply: None,
+        }
+    }
 }
 
 /// Everything remote delivery keeps between passes.
@@ -50,7 +67,9 @@ pub struct Remote {
     pool: pool::Pool,
     connector: TlsConnector,
     delivery: DeliveryConfig,
-    credentials: Option<(String, String)>,
+    /// The relay host's credentials, or why they cannot be used (the
+    /// relay's mail then waits; local delivery goes on).
+    credentials: Result<Option<(String, String)>, String>,
     hostname: String,
 }
 
@@ -64,8 +83,13 @@ impl Remote {
             .as_ref()
             .and_then(|r| r.credentials.as_ref())
         {
-            Some(path) => Some(credentials::load(path)?),
-            None => None,
+            Some(path) => common::relay_credentials::load(path)
+                .map(Some)
+                .map_err(|e| {
+                    tracing::error!("relay host credentials: {e}");
+                    e.to_string()
+                }),
+            None => Ok(None),
         };
         let d = &config.delivery;
         Ok(Remote {
@@ -148,8 +172,16 @@ impl Remote {
         };
         let hops = match route {
             Route::Hops(hops) => hops,
-            Route::Fail(reason) => return all(RemoteResult::Failed(reason)),
-            Route::Defer(reason) => return all(RemoteResult::Deferred(reason)),
+            Route::Fail(reason) => return all(RemoteResult::Failed(Failure::local(reason))),
+            Route::Defer(reason) => return all(RemoteResult::Deferred(Failure::local(reason))),
+        };
+        let credentials = match &self.credentials {
+            Ok(c) => c.as_ref(),
+            Err(e) => {
+                return all(RemoteResult::Deferred(Failure::local(format!(
+                    "4.7.0 relay host credentials unusable: {e}"
+                ))))
+            }
         };
         let _slot = self.pool.slot(destination).await;
         let mut session = None;
@@ -159,66 +191,84 @@ impl Remote {
                 session = Some(cached);
             }
         }
-        if session.is_none() {
-            let settings = SessionSettings {
-                helo_name: &self.hostname,
-                tls,
-                connector: &self.connector,
-                connect_timeout: Duration::from_secs(self.delivery.connect_timeout),
-                credentials: self.credentials.as_ref(),
-            };
-            let mut failures = Vec::new();
-            for hop in &hops {
-                match Session::open(hop, &settings).await {
-                    Ok(s) => {
-                        match &s.tls {
-                            Some(tls) => {
-                                tracing::info!(
-                                    "{}: connected to {} using {tls}",
-                                    message.env.id,
-                                    hop.relay()
-                                )
-                            }
-                            None => {
-                                tracing::info!(
-                                    "{}: connected to {} without TLS",
-                                    message.env.id,
-                                    hop.relay()
-                                )
-                            }
-                        }
-                        session = Some(s);
-                        break;
-                    }
-                    Err(f) => {
-                        tracing::info!("{}: {}", message.env.id, f.reason);
-                        failures.push(f);
-                    }
+        let mut session = match session {
+            Some(s) => s,
+            None => {
+                let settings = SessionSettings {
+                    helo_name: &self.hostname,
+                    tls,
+                    connector: &self.connector,
+                    connect_timeout: Duration::from_secs(self.delivery.connect_timeout),
+                    credentials,
+                };
+                match open_first(&hops, &settings, &message.env.id).await {
+                    Ok(s) => s,
+                    Err(result) => return all(result),
                 }
             }
-            if session.is_none() {
-                // Bounce only when every server refused for good.
-                let permanent = failures.iter().all(|f| f.permanent);
-                let reason = failures
-                    .iter()
-                    .find(|f| f.permanent == permanent)
-                    .map(|f| f.reason.clone())
-                    .unwrap_or_default();
-                return all(if permanent {
-                    RemoteResult::Failed(reason)
-                } else {
-                    RemoteResult::Deferred(reason)
-                });
-            }
-        }
-        let mut session = session.expect("opened above");
+        };
         let (results, reusable) = self.send(message, &mut session, group).await;
         if reusable {
             self.pool.put(destination, session);
         }
         results
     }
+}
 
+/// A session with the first hop that takes one; else the result for
+/// every recipient: a bounce only when every server refused for good.
+async fn open_first(
+    hops: &[route::Hop],
+    settings: &SessionSettings<'_>,
+    id: &str,
+) -> Result<Session, RemoteResult> {
+    let mut failures = Vec::new();
+    for hop in hops {
+        let mut opened = Session::open(hop, settings).await;
+        if let Err(f) = &opened {
+            if f.tls_failed && settings.tls == TlsPolicy::May {
+                // Opportunistic TLS (RFC 7435 4): a failed handshake is
+                // no reason not to deliver in the clear, as before TLS.
+                tracing::info!(
+                    "{id}: {}; trying {} without TLS",
+                    f.failure.reason,
+                    hop.relay()
+                );
+                let plain = SessionSettings {
+                    tls: TlsPolicy::None,
+                    ..*settings
+                };
+                opened = Session::open(hop, &plain).await;
+            }
+        }
+        match opened {
+            Ok(s) => {
+                match &s.tls {
+                    Some(tls) => tracing::info!("{id}: connected to {} using {tls}", hop.relay()),
+                    None => tracing::info!("{id}: connected to {} without TLS", hop.relay()),
+                }
+                return Ok(s);
+            }
+            Err(f) => {
+                tracing::info!("{id}: {}", f.failure.reason);
+                failures.push(f);
+            }
+        }
+    }
+    let permanent = !failures.is_empty() && failures.iter().all(|f| f.permanent);
+    let failure = failures
+        .into_iter()
+        .find(|f| f.permanent == permanent)
+        .map(|f| f.failure)
+        .unwrap_or_else(|| Failure::local("4.4.1 no server to try".into()));
+    Err(if permanent {
+        RemoteResult::Failed(failure)
+    } else {
+        RemoteResult::Deferred(failure)
+    })
+}
+
+impl Remote {
     /// The transactions for `group` over `session`; false when the session
     /// broke.
     async fn send(
@@ -232,16 +282,17 @@ impl Remote {
         let caps = session.caps;
         let mut results = Vec::with_capacity(group.len());
         let fail_all = |reason: String| {
+            let reason = Failure::local(reason);
             group
                 .iter()
                 .map(|&i| (i, RemoteResult::Failed(reason.clone())))
                 .collect()
         };
-        if caps.size > 0 && env.size > caps.size {
+        if caps.size_limit > 0 && env.size > caps.size_limit {
             return (
                 fail_all(format!(
                     "5.3.4 message size {} exceeds the limit of {} bytes of {hop}",
-                    env.size, caps.size
+                    env.size, caps.size_limit
                 )),
                 true,
             );
@@ -251,15 +302,28 @@ impl Remote {
             .body
             .as_deref()
             .is_some_and(|b| b.eq_ignore_ascii_case("8BITMIME"));
-        if eight_bit && !caps.eight_bit_mime && has_8bit_data(message.spool, &env.id).await {
-            // RFC 6152 3: without 8BITMIME at the server, 8-bit data may
-            // not be sent; we do not convert it.
-            return (
-                fail_all(format!(
-                    "5.6.3 the message has 8-bit data and {hop} does not support 8BITMIME"
-                )),
-                true,
-            );
+        if eight_bit && !caps.eight_bit_mime {
+            match has_8bit_data(message.spool, &env.id).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    // RFC 6152 3: without 8BITMIME at the server, 8-bit
+                    // data may not be sent; we do not convert it.
+                    return (
+                        fail_all(format!(
+                            "5.6.3 the message has 8-bit data and {hop} does not support 8BITMIME"
+                        )),
+                        true,
+                    );
+                }
+                Err(e) => {
+                    let reason =
+                        Failure::local(format!("4.3.0 cannot read the queued message: {e}"));
+                    let deferred = group
+                        .iter()
+                        .map(|&i| (i, RemoteResult::Deferred(reason.clone())));
+                    return (deferred.collect(), true);
+                }
+            }
         }
         let sender_utf8 = !env.sender.is_ascii();
         if env.params.smtputf8 && !caps.smtputf8 && (sender_utf8 || message.headers_utf8) {
@@ -282,16 +346,17 @@ impl Remote {
             if !caps.smtputf8 && !address.is_ascii() {
                 results.push((
                     i,
-                    RemoteResult::Failed(format!(
+                    RemoteResult::Failed(Failure::local(format!(
                         "5.6.7 the recipient address needs SMTPUTF8 and {hop} does not support it"
-                    )),
+                    ))),
                 ));
             } else {
                 sendable.push(i);
             }
         }
         let params = MailParams {
-            size: caps.size.gt(&0).then_some(env.size),
+            // RFC 1870 6: SIZE= whenever the server offers SIZE.
+            size: caps.size_offered.then_some(env.size),
             eight_bit: eight_bit && caps.eight_bit_mime,
             smtputf8: env.params.smtputf8 && caps.smtputf8,
             ret: env.params.ret.clone().filter(|_| caps.dsn),
@@ -319,7 +384,8 @@ impl Remote {
             let file = match message.spool.open_data(&env.id) {
                 Ok(f) => tokio::fs::File::from_std(f),
                 Err(e) => {
-                    let reason = format!("4.3.0 cannot read the queued message: {e}");
+                    let reason =
+                        Failure::local(format!("4.3.0 cannot read the queued message: {e}"));
                     results.extend(
                         batch
                             .iter()
@@ -347,7 +413,7 @@ impl Remote {
                     }));
                 }
                 Err(e) => {
-                    let reason = format!("4.4.2 lost connection with {hop}: {e}");
+                    let reason = Failure::local(format!("4.4.2 lost connection with {hop}: {e}"));
                     let done: Vec<usize> = results.iter().map(|(i, _)| *i).collect();
                     results.extend(
                         group
@@ -403,18 +469,15 @@ async fn headers_need_utf8(spool: &Spool, id: &str) -> bool {
 
 /// Whether the message has any byte above 127 (read in full; only for
 /// the rare 8BITMIME message to a server without 8BITMIME).
-async fn has_8bit_data(spool: &Spool, id: &str) -> bool {
-    let Ok(file) = spool.open_data(id) else {
-        return true;
-    };
+async fn has_8bit_data(spool: &Spool, id: &str) -> std::io::Result<bool> {
+    let file = spool.open_data(id).map_err(std::io::Error::other)?;
     let mut file = tokio::fs::File::from_std(file);
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        match file.read(&mut chunk).await {
-            Ok(0) => return false,
-            Ok(n) if !chunk[..n].is_ascii() => return true,
-            Ok(_) => {}
-            Err(_) => return true,
+        match file.read(&mut chunk).await? {
+            0 => return Ok(false),
+            n if !chunk[..n].is_ascii() => return Ok(true),
+            _ => {}
         }
     }
 }

@@ -13,8 +13,10 @@ pub struct Capabilities {
     pub dsn: bool,
     pub auth_plain: bool,
     pub auth_login: bool,
-    /// SIZE limit; 0 when none was announced.
-    pub size: u64,
+    /// SIZE was announced (RFC 1870).
+    pub size_offered: bool,
+    /// Its limit; 0 when none was given.
+    pub size_limit: u64,
 }
 
 impl Capabilities {
@@ -34,7 +36,8 @@ impl Capabilities {
             dsn: has(smtp_proto::EXT_DSN),
             auth_plain: has(smtp_proto::EXT_AUTH) && auth(smtp_proto::AUTH_PLAIN),
             auth_login: has(smtp_proto::EXT_AUTH) && auth(smtp_proto::AUTH_LOGIN),
-            size: ehlo.size as u64,
+            size_offered: has(smtp_proto::EXT_SIZE),
+            size_limit: ehlo.size as u64,
         }
     }
 }
@@ -263,7 +266,8 @@ mod tests {
         );
         assert!(caps.pipelining && caps.starttls && caps.dsn && caps.smtputf8);
         assert!(caps.auth_plain && caps.auth_login && !caps.eight_bit_mime);
-        assert_eq!(caps.size, 1000);
+        assert!(caps.size_offered);
+        assert_eq!(caps.size_limit, 1000);
         assert_eq!(
             Capabilities::parse(b"250 only.hostname\r\n"),
             Capabilities::default()

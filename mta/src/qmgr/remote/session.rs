@@ -14,7 +14,9 @@ use super::client::{
 };
 use super::proto::{self, Capabilities, DataEncoder, MailParams, RcptParams};
 use super::route::Hop;
+use super::Failure;
 use common::config::TlsPolicy;
+use common::spool::RemoteReply;
 use common::tls::TlsSummary;
 
 /// How to open a session.
@@ -30,34 +32,60 @@ pub struct SessionSettings<'a> {
 /// Why a session could not be opened with a hop.
 #[derive(Debug)]
 pub struct OpenFailure {
-    /// RFC 3463 status and reason, for logs and the queue.
-    pub reason: String,
+    pub failure: Failure,
     /// The server refused with 5xx (try the next hop, but if every hop
     /// does, the mail bounces).
     pub permanent: bool,
+    /// The TLS handshake failed (opportunistic TLS then tries without).
+    pub tls_failed: bool,
 }
 
 impl OpenFailure {
     fn temporary(reason: String) -> Self {
         OpenFailure {
-            reason,
+            failure: Failure {
+                reason,
+                reply: None,
+            },
             permanent: false,
+            tls_failed: false,
+        }
+    }
+
+    fn tls(hop: &Hop, e: &ClientError) -> Self {
+        OpenFailure {
+            tls_failed: true,
+            ..Self::temporary(format!("4.7.5 TLS with {hop} failed: {e}"))
         }
     }
 
     fn refused(hop: &Hop, reply: &Response<String>, phase: &str) -> Self {
         OpenFailure {
-            reason: format!(
-                "{} host {hop} said: {} (in reply to {phase})",
-                proto::status_of(reply),
-                proto::describe(reply)
-            ),
+            failure: Failure::from_reply(hop, reply, phase),
             permanent: reply.code >= 500,
+            tls_failed: false,
         }
     }
 
     fn broken(hop: &Hop, e: &ClientError) -> Self {
         Self::temporary(format!("4.4.2 lost connection with {hop}: {e}"))
+    }
+}
+
+impl Failure {
+    /// What a server's refusal means for a recipient.
+    pub fn from_reply(hop: &Hop, reply: &Response<String>, phase: &str) -> Failure {
+        let said = proto::describe(reply);
+        Failure {
+            reason: format!(
+                "{} host {hop} said: {said} (in reply to {phase})",
+                proto::status_of(reply)
+            ),
+            reply: Some(RemoteReply {
+                mta: hop.name.clone(),
+                reply: said,
+            }),
+        }
     }
 }
 
@@ -75,9 +103,8 @@ pub struct Session {
 pub enum RcptResult {
     /// Accepted by the server; the final reply text.
     Sent(String),
-    /// An RFC 3463 status and reason.
-    Deferred(String),
-    Failed(String),
+    Deferred(Failure),
+    Failed(Failure),
 }
 
 /// One recipient as sent.
@@ -97,7 +124,7 @@ impl Session {
             let (c, summary) = conn
                 .start_tls(settings.connector, &hop.name)
                 .await
-                .map_err(|e| OpenFailure::temporary(format!("4.7.5 {hop}: {e}")))?;
+                .map_err(|e| OpenFailure::tls(hop, &e))?;
             (conn, tls) = (c, summary);
         }
         let (greeting, _) = conn
@@ -117,7 +144,7 @@ impl Session {
                 let (c, summary) = conn
                     .start_tls(settings.connector, &hop.name)
                     .await
-                    .map_err(|e| OpenFailure::temporary(format!("4.7.5 {hop}: {e}")))?;
+                    .map_err(|e| OpenFailure::tls(hop, &e))?;
                 (conn, tls) = (c, summary);
                 // RFC 3207 4.2: forget what was learnt before TLS.
                 caps = ehlo(&mut conn, hop, settings.helo_name).await?;
@@ -220,17 +247,13 @@ impl Session {
             .iter()
             .map(|r| proto::rcpt_to(&r.address, &r.params))
             .collect();
-        let hop = self.hop.to_string();
+        let hop = self.hop.clone();
         let result_of = |reply: &Response<String>, phase: &str| -> RcptResult {
-            let reason = format!(
-                "{} host {hop} said: {} (in reply to {phase})",
-                proto::status_of(reply),
-                proto::describe(reply)
-            );
+            let failure = Failure::from_reply(&hop, reply, phase);
             if reply.code >= 500 {
-                RcptResult::Failed(reason)
+                RcptResult::Failed(failure)
             } else {
-                RcptResult::Deferred(reason)
+                RcptResult::Deferred(failure)
             }
         };
         let pipelining = self.caps.pipelining;
@@ -314,11 +337,14 @@ impl Session {
             .into_iter()
             .map(|slot| match (slot, &final_reply) {
                 (Some(r), _) => r,
-                (None, Some(reply)) if reply.code == 250 => {
+                (None, Some(reply)) if (200..300).contains(&reply.code) => {
                     RcptResult::Sent(proto::describe(reply))
                 }
                 (None, Some(reply)) => result_of(reply, "end of DATA"),
-                (None, None) => RcptResult::Deferred("4.4.2 transaction aborted".into()),
+                (None, None) => RcptResult::Deferred(Failure {
+                    reason: "4.4.2 transaction aborted".into(),
+                    reply: None,
+                }),
             })
             .collect())
     }

@@ -1,19 +1,46 @@
 //! The relay host's AUTH credentials file: one `username:password` line,
-//! readable by qmgr and nobody else.
+//! readable by qmgr and by no other user.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Why the credentials file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: holds a password but is accessible to every user; chmod o-rwx it")]
+    Exposed { path: PathBuf },
+    #[error("{path}:{line}: {message}")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        message: &'static str,
+    },
+}
 
 /// Read `username:password` from `path` (lines starting with `#` and
 /// blank lines are skipped).
-pub fn load(path: &Path) -> anyhow::Result<(String, String)> {
-    let shown = path.display();
-    let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
+pub fn load(path: &Path) -> Result<(String, String), CredentialsError> {
+    let read = |source| CredentialsError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(read)?;
     if meta.permissions().mode() & 0o007 != 0 {
-        anyhow::bail!("{shown}: holds a password but is accessible to every user; chmod o-rwx it");
+        return Err(CredentialsError::Exposed {
+            path: path.to_path_buf(),
+        });
     }
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
-    parse(&text).map_err(|(line, e)| anyhow::anyhow!("{shown}:{line}: {e}"))
+    let text = std::fs::read_to_string(path).map_err(read)?;
+    parse(&text).map_err(|(line, message)| CredentialsError::Syntax {
+        path: path.to_path_buf(),
+        line,
+        message,
+    })
 }
 
 fn parse(text: &str) -> Result<(String, String), (usize, &'static str)> {
