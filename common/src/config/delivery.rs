@@ -63,6 +63,9 @@ pub struct DeliveryConfig {
     /// Port of other domains' MX hosts.
     #[serde(default = "default_remote_port")]
     pub remote_port: u16,
+    /// Outgoing SMTP sessions at once, over all destinations.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
     /// Seconds to wait for a TCP connection.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: u64,
@@ -91,6 +94,7 @@ impl Default for DeliveryConfig {
     fn default() -> Self {
         Self {
             remote_port: default_remote_port(),
+            max_connections: default_max_connections(),
             connect_timeout: default_connect_timeout(),
             max_connections_per_destination: default_max_connections_per_destination(),
             max_recipients_per_transaction: default_max_recipients_per_transaction(),
@@ -115,6 +119,9 @@ impl DeliveryConfig {
 
 fn default_remote_port() -> u16 {
     25
+}
+fn default_max_connections() -> usize {
+    100
 }
 fn default_connect_timeout() -> u64 {
     30

@@ -296,7 +296,8 @@ fn default_max_account_auth_failures() -> u32 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QmgrConfig {
-    /// Messages delivered at the same time.
+    /// Delivery passes reading and writing files (queue, Maildirs) at the
+    /// same time; remote sessions are limited by delivery.max_connections.
     #[serde(default = "default_delivery_concurrency")]
     pub delivery_concurrency: usize,
     /// First retry delay for a deferred message, in seconds.
@@ -654,6 +655,10 @@ impl Config {
             ("dns.attempts", self.dns.attempts as u64),
             ("delivery.remote_port", u64::from(self.delivery.remote_port)),
             ("delivery.connect_timeout", self.delivery.connect_timeout),
+            (
+                "delivery.max_connections",
+                self.delivery.max_connections as u64,
+            ),
             (
                 "delivery.max_connections_per_destination",
                 self.delivery.max_connections_per_destination as u64,

@@ -36,6 +36,7 @@ pub enum PassResult {
 /// reports and the entry's new state on the blocking pool again.
 pub async fn run_pass(ctx: Arc<Context>, id: String) -> PassResult {
     let prepared = {
+        let _slot = ctx.local_slots.acquire().await.expect("never closed");
         let ctx = ctx.clone();
         tokio::task::spawn_blocking(move || prepare(&ctx, &id)).await
     };
@@ -47,7 +48,9 @@ pub async fn run_pass(ctx: Arc<Context>, id: String) -> PassResult {
     if !pass.remote.is_empty() {
         deliver_remote(&ctx, &mut pass).await;
     }
-    tokio::task::spawn_blocking(move || finish(&ctx, pass))
+    let _slot = ctx.local_slots.acquire().await.expect("never closed");
+    let finishing = ctx.clone();
+    tokio::task::spawn_blocking(move || finish(&finishing, pass))
         .await
         .unwrap_or(PassResult::Stuck)
 }

@@ -41,6 +41,9 @@ pub struct Context {
     pub delay_warning: u64,
     /// Delivery to other mail servers.
     pub remote: remote::Remote,
+    /// Passes in a blocking phase (queue files, Maildirs) at once; a pass
+    /// waiting on a remote server holds none.
+    pub local_slots: Semaphore,
 }
 
 impl Context {
@@ -58,6 +61,7 @@ impl Context {
             max_recipients: config.smtpd.max_recipients,
             delay_warning: config.qmgr.delay_warning,
             remote: remote::Remote::new(config)?,
+            local_slots: Semaphore::new(config.qmgr.delivery_concurrency),
         })
     }
 
@@ -79,7 +83,6 @@ struct Scheduler {
     in_flight: HashSet<String>,
     /// Deferred entries and when they are due.
     deferred: HashMap<String, u64>,
-    slots: Arc<Semaphore>,
     done_tx: mpsc::UnboundedSender<(String, PassResult)>,
 }
 
@@ -135,10 +138,8 @@ impl Scheduler {
     fn start(&mut self, id: String) {
         self.in_flight.insert(id.clone());
         let ctx = self.ctx.clone();
-        let slots = self.slots.clone();
         let done = self.done_tx.clone();
         tokio::spawn(async move {
-            let _permit = slots.acquire_owned().await.expect("semaphore never closes");
             let result = deliver::run_pass(ctx, id.clone()).await;
             let _ = done.send((id, result));
         });
@@ -193,7 +194,6 @@ pub async fn run(
         ctx: ctx.clone(),
         in_flight: HashSet::new(),
         deferred,
-        slots: Arc::new(Semaphore::new(config.qmgr.delivery_concurrency)),
         done_tx,
     };
     tokio::task::block_in_place(|| pickup::pickup_all(&ctx));

@@ -387,6 +387,11 @@ impl Session {
                 "Cannot VRFY user, but will accept message and attempt delivery",
             ),
             Request::Expn { .. } => reply(502, "5.5.1", "EXPN not available"),
+            Request::Help { .. } if self.port == Port::Local => reply(
+                214,
+                "2.0.0",
+                "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP; see RFC 5321",
+            ),
             Request::Help { .. } => reply(
                 214,
                 "2.0.0",

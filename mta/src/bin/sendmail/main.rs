@@ -166,6 +166,10 @@ fn trusted_config(path: &std::path::Path) -> Result<(), Failure> {
 
 /// Hand over to mailctl for the queue commands.
 fn mailctl(config: &Config, config_path: &std::path::Path, args: &[&str]) -> Result<(), Failure> {
+    // mailctl has no use for the maildrop group of a setgid sendmail.
+    let gid = nix::unistd::getgid();
+    nix::unistd::setresgid(gid, gid, gid)
+        .map_err(|e| Failure(EX_SOFTWARE, format!("giving up the setgid group: {e}")))?;
     let dir = config
         .paths
         .binary_dir()

@@ -66,6 +66,8 @@ pub struct Remote {
     router: Router,
     pool: pool::Pool,
     connector: TlsConnector,
+    /// Outgoing sessions in use, over all destinations.
+    connections: tokio::sync::Semaphore,
     delivery: DeliveryConfig,
     /// The relay host's credentials, or why they cannot be used (the
     /// relay's mail then waits; local delivery goes on).
@@ -104,6 +106,7 @@ impl Remote {
                 Duration::from_secs(d.connection_cache_time),
             ),
             connector: client::unverified_connector(),
+            connections: tokio::sync::Semaphore::new(d.max_connections),
             delivery: d.clone(),
             credentials,
             hostname: config.hostname.clone(),
@@ -184,6 +187,9 @@ impl Remote {
             }
         };
         let _slot = self.pool.slot(destination).await;
+        // After the destination's slot, so a busy destination does not
+        // hold connections others could use.
+        let _connection = self.connections.acquire().await.expect("never closed");
         let mut session = None;
         if let Some(mut cached) = self.pool.take(destination) {
             // A cached session the server has closed meanwhile is dropped.
@@ -226,9 +232,10 @@ async fn open_first(
     for hop in hops {
         let mut opened = Session::open(hop, settings).await;
         if let Err(f) = &opened {
-            if f.tls_failed && settings.tls == TlsPolicy::May {
+            if f.tls_failed && settings.tls == TlsPolicy::May && settings.credentials.is_none() {
                 // Opportunistic TLS (RFC 7435 4): a failed handshake is
-                // no reason not to deliver in the clear, as before TLS.
+                // no reason not to deliver in the clear, as before TLS;
+                // but never with a password to send.
                 tracing::info!(
                     "{id}: {}; trying {} without TLS",
                     f.failure.reason,

@@ -267,7 +267,7 @@ impl Session {
             self.conn.send(mail.as_bytes(), COMMAND_TIMEOUT).await?;
         }
         let (mail_reply, _) = self.conn.reply(COMMAND_TIMEOUT, "to MAIL FROM").await?;
-        let mail_ok = mail_reply.code == 250;
+        let mail_ok = (200..300).contains(&mail_reply.code);
         let mut results = Vec::with_capacity(recipients.len());
         let mut accepted = 0;
         for line in &rcpts {
