@@ -12,6 +12,7 @@ command -v mbsync >/dev/null || missing+=(isync)
 command -v offlineimap >/dev/null || missing+=(offlineimap3)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v useradd >/dev/null || missing+=(passwd)
+command -v strace >/dev/null || missing+=(strace)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=; [ "$(id -u)" -eq 0 ] || sudo=sudo
   $sudo apt-get update -qq

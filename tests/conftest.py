@@ -696,8 +696,9 @@ def dns(dns_server: DNSServer):
 @pytest.fixture
 def make_scripted_smtp():
     """Factory: make_scripted_smtp(capabilities=..., replies=...) starts a
-    ScriptedSMTP (tests/smtpscript.py) on a free port; every one is stopped
-    when the test ends."""
+    ScriptedSMTP (tests/smtpscript.py) on a free port of 127.0.0.1, or on
+    `address=` / `port=` if given (e.g. a second server on 127.0.0.2 and
+    the first one's port); every one is stopped when the test ends."""
     servers: list[ScriptedSMTP] = []
 
     def make(**options: Any) -> ScriptedSMTP:

@@ -15,16 +15,42 @@ transaction, a refused RCPT adds no accepted recipient, DATA with no
 accepted recipient is answered `554 5.5.1` whatever the script says (RFC
 2920 3.1).
 
+A reply may also be `DROP`: the server closes the connection instead of
+answering (for DOT: after reading the whole message, before its reply);
+or, for DATA only, `DROP_DURING_DATA`: the server answers 354, reads the
+first line of the message and closes the connection while the client is
+still sending.
+
 Commands are read line by line and answered in order, so a client that
 pipelines (MAIL, RCPT..., DATA in one write) gets its replies in order. STARTTLS is
 offered only with `tls=(certfile, keyfile)`.
+
+The server listens on `address` (default 127.0.0.1; an IPv6 address such
+as "::1" works too) and `port` (default: a free one). Several servers can
+share a port on different loopback addresses (127.0.0.1, 127.0.0.2, ...),
+as the MX hosts of one domain, all reached on `delivery.remote_port`, do.
+
+A greeting of class 4 (`greeting="421 4.3.2 busy"`) is followed by closing
+the connection (RFC 5321 3.8).
+
+Pipelining (RFC 2920): before answering a command the client had to wait
+for, the server looks whether more input is already there (allowing a
+short grace time for it to arrive). Without PIPELINING in the current
+EHLO reply that is every command and the end of the message data; with
+it, only the commands that must end a group (EHLO, HELO, DATA, VRFY,
+EXPN, TURN, NOOP, AUTH). Each such command line is recorded in
+`Connection.unwaited` (all of them: `server.unwaited`). The time of
+every command is kept too (`server.timed_commands("RCPT")`), for tests of
+the retry schedule.
 """
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
@@ -42,6 +68,13 @@ DEFAULT_REPLIES = {
 }
 MAX_LINE = 65536
 IDLE_TIMEOUT = 60   # a client silent this long is dropped
+# Script replies that close the connection instead of answering.
+DROP = "<drop the connection>"
+DROP_DURING_DATA = "<354, then drop the connection during the data>"
+# RFC 2920 3.1: commands after which a pipelining client must wait anyway.
+GROUP_ENDERS = ("EHLO", "HELO", "DATA", "VRFY", "EXPN", "TURN", "NOOP", "AUTH")
+# How long to wait for input a client sent without waiting for a reply.
+PIPELINING_GRACE = 0.02
 
 
 def split_params(text: str) -> tuple[str, dict[str, str]]:
@@ -85,8 +118,12 @@ class Connection:
     ehlo: str | None = None
     tls: bool = False
     commands: list[str] = field(default_factory=list)   # every command line, in order
+    times: list[float] = field(default_factory=list)    # time.monotonic() of each command
     transactions: list[Transaction] = field(default_factory=list)
     quit: bool = False
+    # Command lines (and "." for the end of data) that the client followed
+    # with more input before their reply, where it had to wait for it.
+    unwaited: list[str] = field(default_factory=list)
 
 
 class _Closed(Exception):
@@ -96,8 +133,11 @@ class _Closed(Exception):
 class ScriptedSMTP:
     def __init__(self, capabilities: tuple[str, ...] | list[str] = DEFAULT_CAPABILITIES,
                  replies: dict[str, Reply] | None = None, hostname: str = "scripted.test",
-                 tls: tuple[str, str] | None = None, greeting: str | None = None):
+                 tls: tuple[str, str] | None = None, greeting: str | None = None,
+                 address: str = LOCALHOST, port: int = 0, broken_tls: bool = False):
         self.capabilities = list(capabilities)
+        self.address = address
+        self._bind_port = port
         self.replies: dict[str, Reply] = {**DEFAULT_REPLIES, **(replies or {})}
         self.hostname = hostname
         self.greeting = greeting or f"220 {hostname} ESMTP scripted"
@@ -107,6 +147,11 @@ class ScriptedSMTP:
             self.tls_context.load_cert_chain(*tls)
             if not any(c.upper() == "STARTTLS" for c in self.capabilities):
                 self.capabilities.append("STARTTLS")
+        # broken_tls: offer STARTTLS, say 220, then send plaintext and
+        # hang up, so the client's TLS handshake fails.
+        self.broken_tls = broken_tls
+        if broken_tls and not any(c.upper() == "STARTTLS" for c in self.capabilities):
+            self.capabilities.append("STARTTLS")
         self.connections: list[Connection] = []
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -119,9 +164,16 @@ class ScriptedSMTP:
     # ---- running ---------------------------------------------------------
 
     def start(self) -> "ScriptedSMTP":
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((LOCALHOST, 0))
+        if family == socket.AF_INET6:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            listener.bind((self.address, self._bind_port))
+        except OSError:
+            listener.close()
+            raise
         listener.listen(32)
         listener.settimeout(0.1)
         self._listener = listener
@@ -178,6 +230,21 @@ class ScriptedSMTP:
         """Every command line over all connections, in order."""
         with self._lock:
             return [line for c in self.connections for line in c.commands]
+
+    def timed_commands(self, verb: str | None = None) -> list[tuple[float, str]]:
+        """(time.monotonic(), line) of every command (of `verb` if given)
+        over all connections, in time order."""
+        with self._lock:
+            found = [(t, line) for c in self.connections for t, line in zip(c.times, c.commands)
+                     if verb is None or line.split(" ", 1)[0].upper() == verb.upper()]
+        return sorted(found)
+
+    @property
+    def unwaited(self) -> list[str]:
+        """Every command the client did not wait to be answered where it
+        had to (see the module's doc), over all connections."""
+        with self._lock:
+            return [line for c in self.connections for line in c.unwaited]
 
     def wait_delivered(self, n: int, timeout: float = 20) -> list[Transaction]:
         """Wait until `n` messages were taken; return them."""
@@ -247,6 +314,8 @@ class _Session:
         self.conn = conn
         self.buf = b""
         self.tx: Transaction | None = None
+        # Whether the current EHLO reply offered PIPELINING.
+        self.pipelining = False
         sock.settimeout(IDLE_TIMEOUT)
 
     def send(self, reply: str) -> None:
@@ -263,6 +332,27 @@ class _Session:
         line, self.buf = self.buf.split(b"\r\n", 1)
         return line
 
+    def input_waiting(self) -> bool:
+        """Whether the client has sent more than we have answered: input
+        buffered, or arriving within the grace time."""
+        if self.buf:
+            return True
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        try:
+            ready, _, _ = select.select([self.sock], [], [], PIPELINING_GRACE)
+        except (OSError, ValueError):
+            return False
+        return bool(ready)
+
+    def check_waited(self, line: str, verb: str) -> None:
+        """Record `line` in conn.unwaited if the client had to wait for its
+        reply and sent more input before it."""
+        must_wait = not self.pipelining or verb in GROUP_ENDERS
+        if must_wait and self.input_waiting():
+            with self.server._lock:
+                self.conn.unwaited.append(line)
+
     def read_data(self) -> bytes:
         lines = []
         while True:
@@ -276,24 +366,35 @@ class _Session:
     def run(self) -> None:
         server, conn = self.server, self.conn
         self.send(server.greeting)
+        if server.greeting.startswith("4"):
+            return   # 421: the server closes the connection (RFC 5321 3.8)
         while True:
             raw = self.read_line()
             line = raw.decode("utf-8", "replace")
             with server._lock:
                 conn.commands.append(line)
+                conn.times.append(time.monotonic())
             verb = line.split(" ", 1)[0].upper()
+            if verb not in ("STARTTLS", "QUIT"):
+                self.check_waited(line, verb)
             if verb == "EHLO":
                 conn.ehlo = line[5:].strip()
                 self.tx = None
                 caps = [c for c in server.capabilities
                         if not (conn.tls and c.upper() == "STARTTLS")]
+                self.pipelining = any(c.upper() == "PIPELINING" for c in caps)
                 lines = [server.hostname, *caps]
                 self.send("\r\n".join(f"250{'-' if i < len(lines) - 1 else ' '}{text}"
                                       for i, text in enumerate(lines)))
             elif verb == "HELO":
                 conn.ehlo = line[5:].strip()
                 self.tx = None
+                self.pipelining = False
                 self.send(f"250 {server.hostname}")
+            elif verb == "STARTTLS" and server.broken_tls:
+                self.send("220 2.0.0 Ready to start TLS")
+                self.send("this is not a TLS handshake")
+                return
             elif verb == "STARTTLS" and server.tls_context is not None and not conn.tls:
                 if self.buf:
                     self.send("554 5.5.1 Error: command pipelined after STARTTLS")
@@ -312,6 +413,8 @@ class _Session:
                 sender, params = split_params(line[10:])
                 tx = Transaction(line, sender, params, tls=conn.tls)
                 reply = server._reply_for("MAIL", tx, line)
+                if reply == DROP:
+                    raise _Closed("dropped at MAIL")
                 if reply.startswith("2"):
                     self.tx = tx
                     with server._lock:
@@ -323,6 +426,8 @@ class _Session:
                     continue
                 address, params = split_params(line[8:])
                 reply = server._reply_for("RCPT", self.tx, line)
+                if reply == DROP:
+                    raise _Closed("dropped at RCPT")
                 with server._lock:
                     self.tx.rcpt_lines.append(line)
                     self.tx.rcpt_params.append(params)
@@ -338,12 +443,22 @@ class _Session:
                     self.tx = None
                     continue
                 reply = server._reply_for("DATA", self.tx, line)
+                if reply == DROP:
+                    raise _Closed("dropped at DATA")
+                if reply == DROP_DURING_DATA:
+                    self.send(DEFAULT_REPLIES["DATA"])
+                    self.read_line()
+                    raise _Closed("dropped during the data")
                 self.send(reply)
                 if not reply.startswith("3"):
                     self.tx = None
                     continue
                 data = self.read_data()
+                if not self.pipelining:
+                    self.check_waited(".", ".")
                 reply = server._reply_for("DOT", self.tx, line)
+                if reply == DROP:
+                    raise _Closed("dropped after the data")
                 with server._lock:
                     self.tx.data = data
                     self.tx.dot_reply = reply

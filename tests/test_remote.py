@@ -1,7 +1,10 @@
-"""Remote delivery (qmgr(8)): MX lookup in the tests' DNS server, SMTP to
-the next hop with opportunistic STARTTLS, several recipients per
-transaction, retries and bounces, a relay host with AUTH, TLS policy,
-connection reuse, DSN parameters and SMTPUTF8.
+"""Remote delivery (qmgr(8)): MX lookup in the tests' DNS server (MX
+preference and fallback, IPv6), SMTP to the next hop with opportunistic
+STARTTLS, several recipients per transaction, retries (and their
+schedule) and bounces, refusals of MAIL FROM, SIZE, 8BITMIME,
+PIPELINING, lost connections, message content (dots, 5 MB), a relay host
+with AUTH (STARTTLS or implicit TLS), TLS policy, connection reuse, DSN
+parameters and SMTPUTF8.
 
 The sending installation ("A") serves example.test and relays for
 127.0.0.0/8; its `delivery.remote_port` is the port of the next hop: a
@@ -10,12 +13,22 @@ server (tests/smtpscript.py) where the next hop must misbehave on demand.
 Every domain is fresh per test (`dns.unique`), and DNS answers come from
 tests/dnsserver.py: a domain that is not set up gets SERVFAIL."""
 
+import base64
+import hashlib
+import random
 import re
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
 
 from mailtest import (
     LOCALHOST, as_stored, delivery_report, header, make_message, report_fields,
     strip_added_headers, wait_until,
 )
+from smtpscript import DEFAULT_CAPABILITIES, DEFAULT_REPLIES, DROP, DROP_DURING_DATA
 
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
@@ -195,8 +208,9 @@ def test_permanent_refusal_bounces_to_the_sender_at_once(make_mailsrv, make_scri
     content, fields = single_report(a, BOB)
     assert fields["action"] == "failed" and fields["status"] == "5.1.1", fields
     assert fields["final-recipient"].lower() == f"rfc822; {rcpt}", fields
-    assert "550 5.1.1 no such user" in fields["diagnostic-code"], fields
-    assert host in content.decode(), "the report does not name the remote host"
+    # RFC 3464 2.3.5/2.3.6: the server's name and its own words.
+    assert fields["diagnostic-code"] == "smtp; 550 5.1.1 no such user", fields
+    assert fields["remote-mta"] == f"dns; {host}", fields
     a.wait_spool_empty()
     assert mx.delivered == []
     wait_log(a, rf"to=<{re.escape(rcpt)}>, .*status=bounced \(.*550 5\.1\.1 no such user")
@@ -261,14 +275,15 @@ def test_mail_for_a_local_and_a_remote_recipient_reaches_both(make_mailsrv, dns)
 # Relay host
 # --------------------------------------------------------------------------
 
-def relaying_installation(make_mailsrv, b, login: str, password: str):
+def relaying_installation(make_mailsrv, b, login: str, password: str,
+                          port: int | None = None, tls: str = "required"):
     """Installation A sending everything not local through B's submission
-    port with STARTTLS and AUTH as `login`."""
+    port (or `port`) with STARTTLS (or `tls`) and AUTH as `login`."""
     a = sending_installation(make_mailsrv, 1, SLOW_RETRY, start=False)
     credentials = a.write_secret("relay-credentials", f"{login}:{password}\n")
     a.set_config("delivery.relay.host", LOCALHOST)
-    a.set_config("delivery.relay.port", b.submission_port)
-    a.set_config("delivery.relay.tls", "required")
+    a.set_config("delivery.relay.port", b.submission_port if port is None else port)
+    a.set_config("delivery.relay.tls", tls)
     a.set_config("delivery.relay.credentials", str(credentials))
     a.start()
     return a
@@ -422,3 +437,507 @@ def test_utf8_address_to_a_server_without_smtputf8_bounces_with_5_6_7(
     a.wait_spool_empty()
     assert not any(c.upper().startswith(("MAIL", "RCPT", "DATA")) for c in mx.commands), \
         mx.commands
+
+
+# --------------------------------------------------------------------------
+# More helpers
+# --------------------------------------------------------------------------
+
+def capabilities_without(*names: str) -> tuple[str, ...]:
+    """The scripted server's default EHLO keywords without `names`."""
+    return tuple(c for c in DEFAULT_CAPABILITIES if c.split(" ", 1)[0] not in names)
+
+
+def without_first_received(content: bytes) -> bytes:
+    """`content` (LF line ends) without its first header field, which must
+    be a (possibly folded) Received:."""
+    assert content.lower().startswith(b"received: "), content[:300]
+    lines = content.split(b"\n")
+    i = 1
+    while i < len(lines) and lines[i][:1] in (b" ", b"\t"):
+        i += 1
+    return b"\n".join(lines[i:])
+
+
+def as_relayed_by_a(content: bytes) -> bytes:
+    """A message file in B's Maildir without what A and B added in front
+    (B's Return-Path, Delivered-To and Received, then A's Received): the
+    message as A's client submitted it, with LF line ends."""
+    return without_first_received(strip_added_headers(content))
+
+
+def verbs(commands: list[str]) -> list[str]:
+    return [c.split(" ", 1)[0].upper() for c in commands]
+
+
+def no_transaction_commands(commands: list[str]) -> bool:
+    return not any(v in ("MAIL", "RCPT", "DATA") for v in verbs(commands))
+
+
+def big_body(size: int, seed: int = 5) -> bytes:
+    """About `size` bytes of text lines (LF ends) of varied length, some of
+    them starting with dots, so the data has to be dot-stuffed often and
+    line ends fall everywhere across the client's read chunks."""
+    rng = random.Random(seed)
+    raw = base64.b64encode(rng.randbytes(size * 3 // 4 + 3))
+    lines, pos = [], 0
+    while pos < len(raw):
+        n = rng.randint(1, 200)
+        line = raw[pos:pos + n]
+        pos += n
+        if rng.random() < 0.1:
+            line = b"." * rng.randint(1, 3) + line
+        lines.append(line)
+    return b"\n".join(lines) + b"\n"
+
+
+# --------------------------------------------------------------------------
+# MX preference and fallback, IPv6
+# --------------------------------------------------------------------------
+
+def two_mx_hosts(dns, address_of_mx1: str = "127.0.0.2") -> tuple[str, str, str]:
+    """A fresh domain with `MX 10 mx1` (A `address_of_mx1`) and `MX 20
+    mx2` (A 127.0.0.1), listed worst first, so qmgr has to sort them.
+    Returns (domain, mx1, mx2)."""
+    domain = dns.unique("mx")
+    mx2 = dns.mail_domain(domain, f"mx2.{domain}", LOCALHOST, preference=20)
+    mx1 = dns.mail_domain(domain, f"mx1.{domain}", address_of_mx1, preference=10)
+    return domain, mx1, mx2
+
+
+def test_mail_goes_to_the_next_mx_host_when_the_preferred_one_refuses_connections(
+        make_mailsrv, make_scripted_smtp, dns):
+    # Only 127.0.0.1 listens on the port: mx1's 127.0.0.2 refuses.
+    second = make_scripted_smtp()
+    domain, mx1, mx2 = two_mx_hosts(dns)
+    a = sending_installation(make_mailsrv, second.port)
+    rcpt = f"someone@{domain}"
+    message = make_message("second choice", sender=BOB, to=rcpt)
+    a.send(rcpt, message, sender=BOB)
+
+    [tx] = second.wait_delivered(1)
+    assert tx.recipients == [rcpt] and tx.data.endswith(message)
+    a.wait_spool_empty()
+    sent = wait_log(a, rf"to=<{re.escape(rcpt)}>, relay={re.escape(mx2)}\[127\.0\.0\.1\]:"
+                       rf"{second.port}, .*status=sent")
+    refused = re.search(rf"4\.4\.1 cannot connect to {re.escape(mx1)}\[127\.0\.0\.2\]", a.log())
+    assert refused, f"no failed attempt at {mx1} in the log\n{a.log_tail()}"
+    assert refused.start() < sent.start(), "mx1 was not tried first"
+
+
+def test_mail_goes_to_the_next_mx_host_when_the_preferred_one_greets_with_421(
+        make_mailsrv, make_scripted_smtp, dns):
+    second = make_scripted_smtp()
+    busy = "421 4.3.2 too busy, try later"
+    first = make_scripted_smtp(address="127.0.0.2", port=second.port, greeting=busy)
+    domain, mx1, mx2 = two_mx_hosts(dns)
+    a = sending_installation(make_mailsrv, second.port)
+    rcpt = f"someone@{domain}"
+    a.send(rcpt, make_message("the busy one first", sender=BOB, to=rcpt), sender=BOB)
+
+    [tx] = second.wait_delivered(1)
+    assert tx.recipients == [rcpt]
+    a.wait_spool_empty()
+    assert first.connection_count == 1 and first.commands == [], first.commands
+    said = wait_log(a, rf"host {re.escape(mx1)}\[127\.0\.0\.2\] said: {re.escape(busy)} "
+                       rf"\(in reply to the greeting\)")
+    sent = wait_log(a, rf"to=<{re.escape(rcpt)}>, relay={re.escape(mx2)}\[127\.0\.0\.1\]:"
+                       rf"{second.port}, .*status=sent")
+    assert said.start() < sent.start()
+
+
+@pytest.mark.parametrize("greetings, bounced", [
+    (("421 4.3.2 busy", "421 4.3.2 busy"), False),
+    (("554 5.7.1 go away", "421 4.3.2 busy"), False),
+    (("554 5.7.1 go away", "554 5.7.1 go away"), True),
+], ids=["both-busy", "one-refuses-for-good", "both-refuse-for-good"])
+def test_mail_bounces_only_when_every_mx_host_refuses_for_good(
+        make_mailsrv, make_scripted_smtp, dns, greetings, bounced):
+    second = make_scripted_smtp(greeting=greetings[1])
+    first = make_scripted_smtp(address="127.0.0.2", port=second.port, greeting=greetings[0])
+    domain, mx1, mx2 = two_mx_hosts(dns)
+    a = sending_installation(make_mailsrv, second.port, SLOW_RETRY)
+    rcpt = f"someone@{domain}"
+    a.send(rcpt, make_message("nobody wants it", sender=BOB, to=rcpt), sender=BOB)
+
+    if bounced:
+        _, fields = single_report(a, BOB)
+        assert fields["action"] == "failed" and fields["status"] == "5.7.1", fields
+        a.wait_spool_empty()
+    else:
+        error = wait_deferred(a, rcpt)["last_error"]
+        assert error.startswith("4."), error
+    assert first.connection_count == 1 and second.connection_count == 1
+    assert no_transaction_commands(first.commands + second.commands)
+
+
+def test_mx_host_with_only_an_ipv6_address_gets_the_mail(make_mailsrv, make_scripted_smtp,
+                                                          dns):
+    mx = make_scripted_smtp(address="::1")
+    domain = dns.unique("six")
+    host = f"mx.{domain}"
+    dns.add_mx(domain, 10, host)
+    dns.add_aaaa(host, "::1")
+    a = sending_installation(make_mailsrv, mx.port)
+    rcpt = f"someone@{domain}"
+    message = make_message("over IPv6", sender=BOB, to=rcpt)
+    a.send(rcpt, message, sender=BOB)
+
+    [tx] = mx.wait_delivered(1)
+    assert tx.recipients == [rcpt] and tx.data.endswith(message)
+    a.wait_spool_empty()
+    wait_log(a, rf"to=<{re.escape(rcpt)}>, relay={re.escape(host)}\[::1\]:{mx.port}, "
+                rf".*status=sent")
+
+
+# --------------------------------------------------------------------------
+# Refusals of MAIL FROM, SIZE, 8BITMIME
+# --------------------------------------------------------------------------
+
+PIPELINING_MODES = pytest.mark.parametrize(
+    "capabilities", [DEFAULT_CAPABILITIES, capabilities_without("PIPELINING")],
+    ids=["pipelining", "no-pipelining"])
+
+
+@PIPELINING_MODES
+def test_sender_refused_with_452_defers_every_recipient(make_mailsrv, make_scripted_smtp, dns,
+                                                        capabilities):
+    later = "452 4.3.1 insufficient system storage"
+    mx, domain, host = scripted_destination(make_scripted_smtp, dns, capabilities=capabilities,
+                                            replies={"MAIL": later})
+    a = sending_installation(make_mailsrv, mx.port, SLOW_RETRY)
+    rcpts = [f"one@{domain}", f"two@{domain}"]
+    a.send(rcpts, make_message("not now", sender=BOB, to=rcpts[0]), sender=BOB)
+
+    for rcpt in rcpts:
+        error = wait_deferred(a, rcpt)["last_error"]
+        assert error.startswith("4.3.1"), error
+        assert f"host {host}[127.0.0.1] said: {later}" in error, error
+        assert "in reply to MAIL FROM" in error, error
+    assert mx.transactions == [] and mx.delivered == []
+    assert mx.unwaited == [], mx.commands
+    assert a.messages(BOB) == [], "a deferral bounced"
+
+
+@PIPELINING_MODES
+def test_sender_refused_with_550_bounces_every_recipient(make_mailsrv, make_scripted_smtp, dns,
+                                                         capabilities):
+    refusal = "550 5.7.1 sender rejected"
+    mx, domain, host = scripted_destination(make_scripted_smtp, dns, capabilities=capabilities,
+                                            replies={"MAIL": refusal})
+    a = sending_installation(make_mailsrv, mx.port, SLOW_RETRY)
+    rcpts = [f"one@{domain}", f"two@{domain}"]
+    a.send(rcpts, make_message("never", sender=BOB, to=rcpts[0]), sender=BOB)
+
+    [path] = a.wait_for_messages(BOB, 1)
+    _, blocks = delivery_report(path.read_bytes())
+    per_rcpt = {b["final-recipient"].lower(): b for b in blocks if "final-recipient" in b}
+    assert sorted(per_rcpt) == sorted(f"rfc822; {r}" for r in rcpts), blocks
+    for fields in per_rcpt.values():
+        assert fields["action"] == "failed" and fields["status"] == "5.7.1", fields
+        assert refusal in fields["diagnostic-code"], fields
+    a.wait_spool_empty()
+    assert mx.transactions == [] and mx.delivered == []
+    assert mx.unwaited == [], mx.commands
+
+
+def test_message_over_the_servers_size_limit_bounces_with_5_3_4_and_no_mail_is_sent(
+        make_mailsrv, make_scripted_smtp, dns):
+    capabilities = ("PIPELINING", "SIZE 100", "8BITMIME", "ENHANCEDSTATUSCODES", "DSN")
+    mx, domain, _ = scripted_destination(make_scripted_smtp, dns, capabilities=capabilities)
+    a = sending_installation(make_mailsrv, mx.port, SLOW_RETRY)
+    rcpt = f"someone@{domain}"
+    message = make_message("too big for it", sender=BOB, to=rcpt, body="x" * 500 + "\n")
+    a.send(rcpt, message, sender=BOB)
+
+    _, fields = single_report(a, BOB)
+    assert fields["action"] == "failed" and fields["status"] == "5.3.4", fields
+    a.wait_spool_empty()
+    assert mx.connection_count >= 1
+    assert no_transaction_commands(mx.commands), mx.commands
+
+
+EIGHT_BIT = "Grüße aus Köln, 8 bits.\n"
+
+
+def test_8bit_message_to_a_server_without_8bitmime_bounces_with_5_6_3(
+        make_mailsrv, make_scripted_smtp, dns):
+    mx, domain, _ = scripted_destination(make_scripted_smtp, dns,
+                                         capabilities=capabilities_without("8BITMIME"))
+    a = sending_installation(make_mailsrv, mx.port, SLOW_RETRY)
+    rcpt = f"someone@{domain}"
+    message = make_message("eight bits", sender=BOB, to=rcpt, body=EIGHT_BIT)
+    a.send(rcpt, message, sender=BOB, mail_options=["BODY=8BITMIME"])
+
+    _, fields = single_report(a, BOB)
+    assert fields["action"] == "failed" and fields["status"] == "5.6.3", fields
+    assert "8BITMIME" in fields["diagnostic-code"], fields
+    a.wait_spool_empty()
+    assert no_transaction_commands(mx.commands), mx.commands
+
+
+def test_8bit_message_goes_with_body_8bitmime_to_a_server_that_offers_it(
+        make_mailsrv, make_scripted_smtp, dns):
+    mx, domain, _ = scripted_destination(make_scripted_smtp, dns)
+    a = sending_installation(make_mailsrv, mx.port)
+    rcpt = f"someone@{domain}"
+    message = make_message("eight bits", sender=BOB, to=rcpt, body=EIGHT_BIT)
+    a.send(rcpt, message, sender=BOB, mail_options=["BODY=8BITMIME"])
+
+    [tx] = mx.wait_delivered(1)
+    assert tx.mail_params.get("BODY") == "8BITMIME", tx.mail_line
+    assert tx.data.endswith(message), tx.data
+    a.wait_spool_empty()
+
+
+def test_message_declared_8bit_but_all_ascii_goes_to_a_server_without_8bitmime(
+        make_mailsrv, make_scripted_smtp, dns):
+    mx, domain, _ = scripted_destination(make_scripted_smtp, dns,
+                                         capabilities=capabilities_without("8BITMIME"))
+    a = sending_installation(make_mailsrv, mx.port)
+    rcpt = f"someone@{domain}"
+    message = make_message("seven bits after all", sender=BOB, to=rcpt)
+    a.send(rcpt, message, sender=BOB, mail_options=["BODY=8BITMIME"])
+
+    [tx] = mx.wait_delivered(1)
+    assert "BODY" not in tx.mail_params, tx.mail_line
+    assert tx.data.endswith(message), tx.data
+    a.wait_spool_empty()
+
+
+# --------------------------------------------------------------------------
+# Pipelining (RFC 2920)
+# --------------------------------------------------------------------------
+
+def test_scripted_server_notices_a_client_that_does_not_wait(make_scripted_smtp):
+    # The check the next test relies on: without PIPELINING, a command
+    # sent before the previous one was answered is recorded.
+    mx = make_scripted_smtp(capabilities=capabilities_without("PIPELINING"))
+    with socket.create_connection((LOCALHOST, mx.port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220")
+        sock.sendall(b"EHLO client.test\r\n")
+        while not reader.readline().startswith(b"250 "):
+            pass
+        sock.sendall(b"NOOP\r\nNOOP\r\n")
+        assert reader.readline().startswith(b"250")
+        assert reader.readline().startswith(b"250")
+        sock.sendall(b"QUIT\r\n")
+        assert reader.readline().startswith(b"221")
+    assert mx.unwaited == ["NOOP"], mx.unwaited
+
+
+@PIPELINING_MODES
+def test_client_waits_for_every_reply_it_must_and_one_refused_recipient_bounces(
+        make_mailsrv, make_scripted_smtp, dns, capabilities):
+    def rcpt_reply(tx, line):
+        return "550 5.1.1 no such user" if "<two@" in line else "250 2.1.5 Ok"
+    mx, domain, _ = scripted_destination(make_scripted_smtp, dns, capabilities=capabilities,
+                                         replies={"RCPT": rcpt_reply})
+    a = sending_installation(make_mailsrv, mx.port, SLOW_RETRY)
+    rcpts = [f"one@{domain}", f"two@{domain}", f"three@{domain}"]
+    message = make_message("one by one", sender=BOB, to=rcpts[0])
+    a.send(rcpts, message, sender=BOB)
+
+    [tx] = mx.wait_delivered(1)
+    assert sorted(tx.recipients) == sorted([rcpts[0], rcpts[2]]), tx
+    assert tx.data.endswith(message)
+    _, fields = single_report(a, BOB)
+    assert fields["action"] == "failed" and fields["status"] == "5.1.1", fields
+    assert fields["final-recipient"].lower() == f"rfc822; {rcpts[1]}", fields
+    a.wait_spool_empty()
+    assert verbs(mx.commands)[:6] == ["EHLO", "MAIL", "RCPT", "RCPT", "RCPT", "DATA"], \
+        mx.commands
+    assert mx.unwaited == [], f"did not wait for the replies to {mx.unwaited}"
+
+
+# --------------------------------------------------------------------------
+# Lost connections
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("replies", [
+    {"DATA": [DROP_DURING_DATA, DEFAULT_REPLIES["DATA"]]},
+    {"DOT": [DROP, DEFAULT_REPLIES["DOT"]]},
+], ids=["during-the-data", "before-the-final-reply"])
+def test_connection_lost_in_the_data_phase_defers_with_4_4_2_and_a_retry_delivers(
+        make_mailsrv, make_scripted_smtp, dns, replies):
+    mx, domain, host = scripted_destination(make_scripted_smtp, dns, replies=replies)
+    a = sending_installation(make_mailsrv, mx.port, SLOW_RETRY)
+    rcpt = f"someone@{domain}"
+    # Big enough that the drop during the data comes while A still sends.
+    message = make_message("cut short", sender=BOB, to=rcpt, body=big_body(2 * 1024 * 1024))
+    a.send(rcpt, message, sender=BOB)
+
+    error = wait_deferred(a, rcpt)["last_error"]
+    assert error.startswith("4.4.2"), error
+    assert f"{host}[127.0.0.1]" in error, error
+    assert mx.delivered == []
+
+    a.ctl("queue", "flush")
+    [tx] = mx.wait_delivered(1)
+    assert tx.recipients == [rcpt]
+    assert tx.data.endswith(message), "the message arrived changed"
+    a.wait_spool_empty()
+    assert mx.connection_count == 2, mx.commands
+    assert a.messages(BOB) == [], "the sender got a report"
+
+
+# --------------------------------------------------------------------------
+# Message content between two installations
+# --------------------------------------------------------------------------
+
+def test_lines_starting_with_dots_arrive_unchanged(make_mailsrv, dns):
+    b, domain = receiving_installation(make_mailsrv, dns)
+    carol = f"carol@{domain}"
+    a = sending_installation(make_mailsrv, b.smtp_port)
+    body = ("first\n.\n..\n...\n.leading dot\n..two dots\n. space\nmiddle . line\n.\n"
+            "\n.\nlast line.\n.")
+    message = make_message("dots", sender=BOB, to=carol, body=body)
+    a.send(carol, message, sender=BOB)
+
+    [path] = b.wait_for_messages(carol, 1)
+    assert as_relayed_by_a(path.read_bytes()) == as_stored(message)
+    a.wait_spool_empty()
+
+
+def test_five_megabyte_message_arrives_intact(make_mailsrv, dns):
+    b, domain = receiving_installation(make_mailsrv, dns)
+    carol = f"carol@{domain}"
+    a = sending_installation(make_mailsrv, b.smtp_port)
+    message = make_message("big", sender=BOB, to=carol, body=big_body(5 * 1024 * 1024))
+    assert len(message) > 5 * 1024 * 1024
+    a.send(carol, message, sender=BOB)
+
+    [path] = b.wait_for_messages(carol, 1, timeout=120)
+    got = as_relayed_by_a(path.read_bytes())
+    want = as_stored(message)
+    assert len(got) == len(want)
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(want).hexdigest()
+    a.wait_spool_empty()
+
+
+# --------------------------------------------------------------------------
+# TLS
+# --------------------------------------------------------------------------
+
+def test_required_tls_to_an_mx_host_offering_starttls_delivers_over_tls(make_mailsrv, dns):
+    b, domain = receiving_installation(make_mailsrv, dns)
+    carol = f"carol@{domain}"
+    a = sending_installation(make_mailsrv, b.smtp_port, {
+        **SLOW_RETRY, f'delivery.domains."{domain}".tls': "required"})
+    message = make_message("tls or nothing", sender=BOB, to=carol)
+    a.send(carol, message, sender=BOB)
+
+    [path] = b.wait_for_messages(carol, 1)
+    received = header(path.read_bytes(), "Received")
+    assert "using TLS" in received and "with ESMTPS" in received, received
+    a.wait_spool_empty()
+    wait_log(a, rf"connected to mx\.{re.escape(domain)}\[127\.0\.0\.1\]:{b.smtp_port} "
+                rf"using TLS")
+    wait_log(a, rf"to=<{re.escape(carol)}>, relay=mx\.{re.escape(domain)}\[127\.0\.0\.1\]:"
+                rf"{b.smtp_port}, .*status=sent")
+
+
+def test_relay_host_with_implicit_tls_takes_the_mail_after_auth(make_mailsrv, dns):
+    b, domain = receiving_installation(make_mailsrv, dns, mx=False)
+    carol, dave = f"carol@{domain}", f"dave@{domain}"
+    a = relaying_installation(make_mailsrv, b, carol, b.passwords[carol],
+                              port=b.submissions_port, tls="implicit")
+    message = make_message("through port 465", sender=carol, to=dave)
+    a.send(dave, message, sender=carol)
+
+    [path] = b.wait_for_messages(dave, 1)
+    content = path.read_bytes()
+    assert header(content, "Return-Path") == f"<{carol}>"
+    received = header(content, "Received")
+    assert "with ESMTPSA" in received, received
+    assert as_relayed_by_a(content) == as_stored(message)
+    a.wait_spool_empty()
+    wait_log(a, rf"connected to 127\.0\.0\.1\[127\.0\.0\.1\]:{b.submissions_port} using TLS")
+    assert not dns.queried(domain), "A looked up the relay's domain instead of relaying"
+
+
+# --------------------------------------------------------------------------
+# Retry schedule
+# --------------------------------------------------------------------------
+
+def test_deferred_mail_is_retried_by_itself_after_min_backoff_capped_at_max_backoff(
+        make_mailsrv, make_scripted_smtp, dns):
+    later = "451 4.3.0 try later"
+    mx, domain, _ = scripted_destination(
+        make_scripted_smtp, dns, replies={"RCPT": [later, later, later, "250 2.1.5 Ok"]})
+    a = sending_installation(make_mailsrv, mx.port,
+                             {"qmgr.min_backoff": 1, "qmgr.max_backoff": 1})
+    rcpt = f"someone@{domain}"
+    a.send(rcpt, make_message("again and again", sender=BOB, to=rcpt), sender=BOB)
+
+    # No flush: qmgr retries on its own.
+    mx.wait_delivered(1, timeout=20)
+    a.wait_spool_empty()
+    times = [t for t, _ in mx.timed_commands("RCPT")]
+    assert len(times) == 4, mx.commands
+    gaps = [round(next_ - previous, 2) for previous, next_ in zip(times, times[1:])]
+    # Backoff times are whole seconds, so a 1 s backoff waits up to 2 s;
+    # doubling past max_backoff would make the third wait 4 s (over 3 s).
+    assert all(gap < 2.9 for gap in gaps), f"gaps between attempts: {gaps}"
+
+
+def test_flush_right_after_a_deferral_retries_at_once(make_mailsrv, make_scripted_smtp, dns,
+                                                      tmp_path):
+    """A flush that lands between the end of a pass (entry in deferred/)
+    and the scheduler hearing of it must not be lost: strace delays every
+    rename qmgr makes by 1 s to hold that window open."""
+    mx, domain, _ = scripted_destination(make_scripted_smtp, dns,
+                                         replies={"RCPT": ["451 4.3.0 later", "250 2.1.5 Ok"]})
+    a = sending_installation(make_mailsrv, mx.port, SLOW_RETRY)
+    st = subprocess.Popen(["strace", "-f", "-p", str(a.pid("qmgr")), "-o", str(tmp_path / "st"),
+                           "-e", "trace=rename,renameat,renameat2",
+                           "-e", "inject=rename,renameat,renameat2:delay_exit=1000000"])
+    try:
+        time.sleep(1)
+        rcpt = f"r@{domain}"
+        a.send(rcpt, make_message("m", sender=BOB, to=rcpt), sender=BOB)
+        wait_deferred(a, rcpt)
+        a.ctl("queue", "flush")
+        mx.wait_delivered(1, timeout=15)
+    finally:
+        st.send_signal(signal.SIGINT)
+        st.wait(10)
+
+
+def test_failed_tls_handshake_falls_back_to_plaintext_under_may(make_mailsrv, make_scripted_smtp,
+                                                               dns):
+    """tls = may is opportunistic (RFC 7435): a handshake that fails is
+    retried in the clear on the same host, as Postfix does."""
+    mx, domain, host = scripted_destination(make_scripted_smtp, dns, broken_tls=True)
+    a = sending_installation(make_mailsrv, mx.port)
+    rcpt = f"r@{domain}"
+    a.send(rcpt, make_message("fallback", sender=BOB, to=rcpt), sender=BOB)
+    [tx] = mx.wait_delivered(1, timeout=15)
+    assert not tx.tls
+    assert [c.commands[-1] for c in mx.connections][:1] == ["STARTTLS"], mx.connections
+    assert "STARTTLS" not in mx.connections[-1].commands
+    a.wait_spool_empty()
+    assert "without TLS" in a.log()
+
+
+def test_relay_password_never_goes_in_clear_after_a_failed_handshake(make_mailsrv,
+                                                                     make_scripted_smtp):
+    """No plaintext fallback when there are credentials to send: the mail
+    waits (4.7.5) and the server never sees AUTH."""
+    relay = make_scripted_smtp(broken_tls=True,
+                               capabilities=[*DEFAULT_CAPABILITIES, "AUTH PLAIN LOGIN"])
+    a = sending_installation(make_mailsrv, 1, SLOW_RETRY, start=False)
+    credentials = a.write_secret("relay-credentials", "me:secret\n")
+    a.set_config("delivery.relay.host", LOCALHOST)
+    a.set_config("delivery.relay.port", relay.port)
+    a.set_config("delivery.relay.tls", "may")
+    a.set_config("delivery.relay.credentials", str(credentials))
+    a.start()
+    rcpt = "someone@far.example"
+    a.send(rcpt, make_message("secret", sender=BOB, to=rcpt), sender=BOB)
+    entry = wait_deferred(a, rcpt)
+    assert entry["last_error"].startswith("4.7.5"), entry
+    commands = [c for conn in relay.connections for c in conn.commands]
+    assert not any(c.upper().startswith("AUTH") for c in commands), commands
+    assert len(relay.connections) == 1, relay.connections

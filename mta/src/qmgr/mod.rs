@@ -97,18 +97,22 @@ impl Scheduler {
             }
         };
         for id in ids {
-            if self.in_flight.contains(&id) {
-                continue;
+            // One in flight is taken when its pass ends (`finished`).
+            if !self.in_flight.contains(&id) {
+                self.activate(id);
             }
-            // No fsync: active and incoming both mean "to deliver", and
-            // recovery moves active entries back at start.
-            let from = self.ctx.spool.envelope_path(QueueState::Incoming, &id);
-            let to = self.ctx.spool.envelope_path(QueueState::Active, &id);
-            if let Err(e) = std::fs::rename(&from, &to) {
-                tracing::error!("{id}: cannot activate: {e}");
-                continue;
-            }
-            self.start(id);
+        }
+    }
+
+    /// Move entry `id` from `incoming/` to `active/` and start its pass.
+    fn activate(&mut self, id: String) {
+        // No fsync: active and incoming both mean "to deliver", and
+        // recovery moves active entries back at start.
+        let from = self.ctx.spool.envelope_path(QueueState::Incoming, &id);
+        let to = self.ctx.spool.envelope_path(QueueState::Active, &id);
+        match std::fs::rename(&from, &to) {
+            Ok(()) => self.start(id),
+            Err(e) => tracing::error!("{id}: cannot activate: {e}"),
         }
     }
 
@@ -147,6 +151,17 @@ impl Scheduler {
 
     fn finished(&mut self, id: String, result: PassResult) {
         self.in_flight.remove(&id);
+        // A flush, release or requeue that moved the entry back to
+        // incoming/ while its pass ran was skipped then: take it now.
+        if self
+            .ctx
+            .spool
+            .envelope_path(QueueState::Incoming, &id)
+            .exists()
+        {
+            self.activate(id);
+            return;
+        }
         if let PassResult::Deferred { next_try } = result {
             self.deferred.insert(id, next_try);
         }
