@@ -377,7 +377,10 @@ class _Session:
             verb = line.split(" ", 1)[0].upper()
             if verb not in ("STARTTLS", "QUIT"):
                 self.check_waited(line, verb)
-            if verb == "EHLO":
+            if verb == "EHLO" and "EHLO" in server.replies:
+                # A scripted answer to EHLO: a server that only knows HELO.
+                self.send(server._reply_for("EHLO", None, line))
+            elif verb == "EHLO":
                 conn.ehlo = line[5:].strip()
                 self.tx = None
                 caps = [c for c in server.capabilities

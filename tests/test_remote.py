@@ -941,3 +941,18 @@ def test_relay_password_never_goes_in_clear_after_a_failed_handshake(make_mailsr
     commands = [c for conn in relay.connections for c in conn.commands]
     assert not any(c.upper().startswith("AUTH") for c in commands), commands
     assert len(relay.connections) == 1, relay.connections
+
+
+def test_server_that_refuses_ehlo_gets_helo_and_plain_smtp(make_mailsrv, make_scripted_smtp, dns):
+    """RFC 5321 3.2: a server that does not know EHLO is greeted with HELO,
+    and then gets no extension at all (no SIZE=, no BODY=, no pipelining)."""
+    mx, domain, _ = scripted_destination(
+        make_scripted_smtp, dns, replies={"EHLO": "502 5.5.2 Error: command not recognized"})
+    a = sending_installation(make_mailsrv, mx.port)
+    rcpt = f"r@{domain}"
+    a.send(rcpt, make_message("old server", sender=BOB, to=rcpt), sender=BOB)
+    [tx] = mx.wait_delivered(1, timeout=15)
+    [conn] = mx.connections
+    assert [c.split(" ")[0] for c in conn.commands[:2]] == ["EHLO", "HELO"], conn.commands
+    assert tx.mail_line == f"MAIL FROM:<{BOB}>", tx.mail_line
+    assert conn.unwaited == [], conn.unwaited
