@@ -21,6 +21,7 @@ fi
 python3 -m pytest --version >/dev/null 2>&1 || python3 -m pip install -q pytest
 # The tests' DNS server (tests/dnsserver.py).
 python3 -c 'import dnslib' 2>/dev/null || python3 -m pip install -q dnslib
+python3 -c 'import dkim' 2>/dev/null || python3 -m pip install -q dkimpy
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings

@@ -199,19 +199,33 @@ def as_stored(message: bytes) -> bytes:
     return message.replace(b"\r\n", b"\n")
 
 
+# Header fields kept in the envelope and written before the stored message.
+QUEUE_ADDED_HEADERS = (b"authentication-results:", b"dkim-signature:")
+
+
 def strip_added_headers(content: bytes) -> bytes:
-    """Remove the Return-Path, Delivered-To and Received header lines that
+    """Remove the Return-Path, Delivered-To, Authentication-Results and Received lines that
     mailsrv puts in front of a delivered message (Received may be folded);
     assert they are there, in that order. Returns the message as sent."""
     lines = content.split(b"\n")
     i = 0
+
+    def skip_field() -> int:
+        j = i + 1
+        while j < len(lines) and lines[j][:1] in (b" ", b"\t"):
+            j += 1
+        return j
+
     for prefix in ADDED_HEADERS:
+        if prefix == b"received:":
+            # Fields the checks and signing add when the message leaves
+            # the queue, between Delivered-To and our Received.
+            while i < len(lines) and lines[i].lower().startswith(QUEUE_ADDED_HEADERS):
+                i = skip_field()
         assert i < len(lines) and lines[i].lower().startswith(prefix), (
             f"expected a {prefix.decode()} header at line {i + 1}, got "
             f"{lines[i] if i < len(lines) else b'<end of file>'!r}")
-        i += 1
-        while i < len(lines) and lines[i][:1] in (b" ", b"\t"):
-            i += 1
+        i = skip_field()
     return b"\n".join(lines[i:])
 
 

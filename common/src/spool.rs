@@ -245,6 +245,14 @@ pub struct Envelope {
     /// The sender has been told that delivery is delayed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub delay_warned: bool,
+    /// Header fields (CRLF-ended) that go before the stored message when
+    /// it is delivered: Authentication-Results, DKIM-Signature. Kept here
+    /// so the data file is written once, as it streams in.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub added_headers: String,
+    /// Local copies go to the recipient's Junk folder.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub junk: bool,
 }
 
 /// Seconds since 1970.
@@ -478,6 +486,8 @@ mod tests {
             auth_user: None,
             params: EsmtpParams::default(),
             delay_warned: false,
+            added_headers: String::new(),
+            junk: false,
         }
     }
 

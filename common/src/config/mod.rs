@@ -11,8 +11,10 @@ use std::str::FromStr;
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 
+mod checks;
 mod delivery;
 
+pub use checks::{CheckAction, ChecksConfig};
 pub use delivery::{DeliveryConfig, DnsConfig, DomainPolicy, RelayConfig, TlsPolicy};
 
 /// Default location of the configuration file.
@@ -63,6 +65,9 @@ pub struct Config {
     /// Delivery to other mail servers.
     #[serde(default)]
     pub delivery: DeliveryConfig,
+    /// Sender authentication checks of incoming mail.
+    #[serde(default)]
+    pub checks: ChecksConfig,
     /// TLS certificate and key.
     pub tls: TlsConfig,
     /// The IMAP and POP3 server.

@@ -41,7 +41,7 @@ async fn run(prepared: Prepared<Port>) -> anyhow::Result<()> {
     let grace = Duration::from_secs(config.smtpd.shutdown_grace);
     let listen = listen_addresses(&config);
     let (stop_tx, stop_rx) = daemon::shutdown_channel();
-    let server = Server::new(config, tls, directory, stop_rx);
+    let server = Server::new(config, tls, directory, stop_rx)?;
     for (l, port) in listeners {
         tokio::spawn(server.clone().serve(l, port));
     }
@@ -59,8 +59,12 @@ async fn run(prepared: Prepared<Port>) -> anyhow::Result<()> {
                 if listen_addresses(&new) != listen {
                     tracing::warn!("smtpd listeners changed: restart to apply");
                 }
-                server.reload(new, tls);
-                tracing::info!("configuration and certificate reloaded");
+                match server.reload(new, tls) {
+                    Ok(()) => tracing::info!("configuration and certificate reloaded"),
+                    Err(e) => {
+                        tracing::error!("reload failed, keeping the old configuration: {e:#}")
+                    }
+                }
             }
             Err(e) => tracing::error!("reload failed, keeping the old configuration: {e:#}"),
         }

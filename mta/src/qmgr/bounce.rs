@@ -89,6 +89,8 @@ pub fn queue_report(
             ..EsmtpParams::default()
         },
         delay_warned: false,
+        added_headers: String::new(),
+        junk: false,
     };
     let queued = written
         .and_then(|_| spool.commit(&bounce))

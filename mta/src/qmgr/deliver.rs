@@ -87,6 +87,12 @@ fn prepare(ctx: &Context, id: &str) -> Result<Pass, PassResult> {
     expand_recipients(&mut env, &dir);
     let mut remote = Vec::new();
     let mut reports = Vec::new();
+    let message = LocalMessage {
+        id: &env.id,
+        sender: &env.sender,
+        added_headers: &env.added_headers,
+        junk: env.junk,
+    };
     for (i, rcpt) in env.recipients.iter_mut().enumerate() {
         if rcpt.status != RecipientStatus::Pending {
             continue;
@@ -98,7 +104,7 @@ fn prepare(ctx: &Context, id: &str) -> Result<Pass, PassResult> {
             }
             Ok(address) if !dir.is_local_domain(address.domain()) => remote.push(i),
             Ok(address) => {
-                deliver_local_recipient(ctx, &env.id, &env.sender, &address, rcpt);
+                deliver_local_recipient(ctx, &message, &address, rcpt);
                 if rcpt.status == RecipientStatus::Delivered && rcpt.wants_success_report() {
                     reports.push((i, Report::Delivered));
                 }
@@ -275,15 +281,23 @@ fn resolve_error(e: &ResolveError) -> String {
     }
 }
 
+/// What local delivery needs of the envelope.
+struct LocalMessage<'a> {
+    id: &'a str,
+    sender: &'a str,
+    added_headers: &'a str,
+    junk: bool,
+}
+
 fn deliver_local_recipient(
     ctx: &Context,
-    id: &str,
-    sender: &str,
+    message: &LocalMessage,
     address: &Address,
     rcpt: &mut Recipient,
 ) {
+    let id = message.id;
     rcpt.attempts += 1;
-    match deliver_local(ctx, id, sender, address) {
+    match deliver_local(ctx, message, address) {
         Ok(path) => {
             rcpt.status = RecipientStatus::Delivered;
             rcpt.last_error = None;
@@ -293,8 +307,9 @@ fn deliver_local_recipient(
                 .map(|o| format!(", orig_to=<{o}>"))
                 .unwrap_or_default();
             tracing::info!(
-                "{id}: to=<{address}>{orig}, relay=local, status=sent (delivered to maildir {})",
-                path.display()
+                "{id}: to=<{address}>{orig}, relay=local, status=sent (delivered to maildir {}{})",
+                path.display(),
+                if message.junk { ", as junk" } else { "" }
             );
         }
         Err(e) => {
@@ -307,13 +322,27 @@ fn deliver_local_recipient(
 
 fn deliver_local(
     ctx: &Context,
-    id: &str,
-    sender: &str,
+    message: &LocalMessage,
     mailbox: &Address,
 ) -> std::io::Result<std::path::PathBuf> {
-    let file = ctx.spool.open_data(id).map_err(std::io::Error::other)?;
-    let headers = format!("Return-Path: <{sender}>\nDelivered-To: {mailbox}\n");
-    let target = maildir_path(&ctx.mail_root, mailbox).map_err(std::io::Error::other)?;
+    let file = ctx
+        .spool
+        .open_data(message.id)
+        .map_err(std::io::Error::other)?;
+    let headers = format!(
+        "Return-Path: <{}>\nDelivered-To: {mailbox}\n{}",
+        message.sender,
+        message.added_headers.replace("\r\n", "\n")
+    );
+    let mut target = maildir_path(&ctx.mail_root, mailbox).map_err(std::io::Error::other)?;
+    if message.junk {
+        let junk = target.join(".Junk");
+        if !junk.is_dir() {
+            // A mailbox made before Junk existed, or whose Junk was deleted.
+            maildir::create_mailbox(&target)?;
+        }
+        target = junk;
+    }
     let delivered = maildir::deliver(
         &target,
         &ctx.hostname,

@@ -160,6 +160,8 @@ fn envelope(id: &str, drop: &DropEnvelope) -> Result<Envelope, String> {
             ret: None,
         },
         delay_warned: false,
+        added_headers: String::new(),
+        junk: false,
     })
 }
 

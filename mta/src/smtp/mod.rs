@@ -1,8 +1,10 @@
 //! The SMTP receiver: a pure DATA decoder and session state machine, and the
 //! I/O loop around them. Commands are parsed by `smtp-proto`.
 
+pub mod auth_checks;
 pub mod data;
 pub mod hops;
+pub mod own_results;
 pub mod receive;
 pub mod reply;
 pub mod server;

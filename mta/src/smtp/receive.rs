@@ -10,6 +10,7 @@ use common::spool::{is_disk_full, Envelope, Spool, SpoolError};
 use tokio::sync::{mpsc, oneshot};
 
 use super::hops::ReceivedCounter;
+use super::own_results::OwnResultsFilter;
 use super::session::DataOutcome;
 
 /// Bytes gathered in memory before they are written to the data file.
@@ -27,16 +28,22 @@ pub struct MessageWriter {
     /// `Received:` fields the client's message brought.
     hops: ReceivedCounter,
     max_hops: u32,
+    /// Drops Authentication-Results fields that claim to be ours.
+    own_results: OwnResultsFilter,
+    filtered: Vec<u8>,
+    /// The client's message has ended.
+    ended: bool,
 }
 
 impl MessageWriter {
-    /// Start a new message with a fresh queue id.
-    /// Start a message that may bring at most `max_hops` `Received:`
-    /// fields of its own.
+    /// Start a message, with a fresh queue id, that may bring at most
+    /// `max_hops` `Received:` fields of its own; its Authentication-Results
+    /// fields naming `authserv_id` are dropped.
     pub async fn create(
         spool: &Spool,
         max_size: u64,
         max_hops: u32,
+        authserv_id: &str,
     ) -> Result<MessageWriter, SpoolError> {
         let id = new_queue_id();
         let file = {
@@ -56,6 +63,9 @@ impl MessageWriter {
             error: None,
             hops: ReceivedCounter::default(),
             max_hops,
+            own_results: OwnResultsFilter::new(authserv_id),
+            filtered: Vec::new(),
+            ended: false,
         })
     }
 
@@ -85,7 +95,50 @@ impl MessageWriter {
     /// Append the client's message bytes.
     pub async fn write(&mut self, bytes: &[u8]) {
         self.hops.feed(bytes);
-        self.append(bytes).await;
+        let mut filtered = std::mem::take(&mut self.filtered);
+        filtered.clear();
+        self.own_results.feed(bytes, &mut filtered);
+        self.append(&filtered).await;
+        self.filtered = filtered;
+    }
+
+    /// The client's message has ended: release what the filter held.
+    async fn end_of_message(&mut self) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        let mut rest = Vec::new();
+        self.own_results.finish(&mut rest);
+        if !rest.is_empty() {
+            self.append(&rest).await;
+        }
+        if self.own_results.removed() > 0 {
+            tracing::info!(
+                "{}: removed {} Authentication-Results field(s) claiming our name",
+                self.id,
+                self.own_results.removed()
+            );
+        }
+    }
+
+    /// The whole message as stored so far (for the checks that need it
+    /// all); None if it is too big or could not be written.
+    pub async fn contents(&mut self) -> Option<Vec<u8>> {
+        self.end_of_message().await;
+        if self.too_big() || self.error.is_some() {
+            return None;
+        }
+        self.flush(false).await;
+        let path = self.spool.data_path(&self.id);
+        let read = tokio::task::spawn_blocking(move || std::fs::read(path)).await;
+        match read {
+            Ok(Ok(bytes)) => Some(bytes),
+            Ok(Err(e)) => {
+                self.error = Some(e);
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     async fn append(&mut self, bytes: &[u8]) {
@@ -126,6 +179,7 @@ impl MessageWriter {
     /// directories durable (shared fsync), and only then report `Queued`.
     /// Anything short of that removes the data file.
     pub async fn commit(mut self, envelope: Envelope, syncer: &DirSyncer) -> DataOutcome {
+        self.end_of_message().await;
         if self.too_big() {
             self.discard();
             return DataOutcome::TooBig;

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
+use super::auth_checks::{AuthChecks, Inbound, Verdict};
 use super::data::{DataDecoder, DataStatus};
 use super::receive::{DirSyncer, MessageWriter};
 use super::reply::Reply;
@@ -28,17 +29,21 @@ pub struct Settings {
     pub limits: SessionLimits,
     /// The certificate and key to serve.
     pub tls: TlsAcceptor,
+    /// Sender authentication of mail from the internet.
+    pub checks: Arc<AuthChecks>,
 }
 
 impl Settings {
-    /// Derive session settings from the config.
-    pub fn new(config: Config, tls: TlsAcceptor) -> Settings {
+    /// Derive session settings from the config (inside the runtime).
+    pub fn new(config: Config, tls: TlsAcceptor) -> anyhow::Result<Settings> {
         let limits = SessionLimits::new(&config);
-        Settings {
+        let checks = Arc::new(AuthChecks::new(&config)?);
+        Ok(Settings {
             config,
             limits,
             tls,
-        }
+            checks,
+        })
     }
 }
 
@@ -68,7 +73,7 @@ impl Server {
         tls: TlsAcceptor,
         directory: DirectoryCache,
         shutdown: watch::Receiver<bool>,
-    ) -> Arc<Server> {
+    ) -> anyhow::Result<Arc<Server>> {
         let spool = Spool::new(&config.paths.spool);
         let s = &config.smtpd;
         let throttle = LoginThrottle::new(
@@ -76,22 +81,24 @@ impl Server {
             s.max_account_auth_failures,
             Duration::from_secs(s.auth_failure_window),
         );
-        Arc::new(Server {
-            settings: RwLock::new(Arc::new(Settings::new(config, tls))),
+        Ok(Arc::new(Server {
+            settings: RwLock::new(Arc::new(Settings::new(config, tls)?)),
             syncer: DirSyncer::spawn(spool.clone()),
             spool,
             directory,
             connections: ConnectionLimiter::default(),
             throttle,
             shutdown,
-        })
+        }))
     }
 
     /// Replace the settings and certificate (SIGHUP); open sessions keep
     /// theirs.
-    pub fn reload(&self, config: Config, tls: TlsAcceptor) {
+    pub fn reload(&self, config: Config, tls: TlsAcceptor) -> anyhow::Result<()> {
+        let new = Settings::new(config, tls)?;
         let mut s = self.settings.write().unwrap_or_else(|p| p.into_inner());
-        *s = Arc::new(Settings::new(config, tls));
+        *s = Arc::new(new);
+        Ok(())
     }
 
     /// Sessions now open.
@@ -466,6 +473,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
             auth_user: self.session.auth_user().map(|a| a.to_string()),
             params: tx.params,
             delay_warned: false,
+            added_headers: String::new(),
+            junk: false,
         }
     }
 
@@ -518,7 +527,8 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
     async fn start_message(&mut self) -> Result<MessageWriter, DataOutcome> {
         let smtpd = &self.settings.config.smtpd;
         let (max, hops) = (smtpd.max_message_size, smtpd.max_received_headers);
-        match MessageWriter::create(&self.server.spool, max, hops).await {
+        let authserv_id = self.settings.checks.authserv_id();
+        match MessageWriter::create(&self.server.spool, max, hops, authserv_id).await {
             Ok(mut w) => {
                 let header = self.received_header(w.id());
                 w.write_own_header(header.as_bytes()).await;
@@ -535,10 +545,33 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
         }
     }
 
-    async fn finish_message(&mut self, writer: MessageWriter) -> Reply {
+    async fn finish_message(&mut self, mut writer: MessageWriter) -> Reply {
         let id = writer.id().to_string();
+        let mut envelope = self.envelope(&id, writer.size());
+        if self.session.from_outside() {
+            match self.check_sender(&mut writer, &envelope).await {
+                Some(Verdict::Accept { header, junk }) => {
+                    envelope.added_headers = header;
+                    envelope.junk = junk;
+                }
+                Some(Verdict::Reject(reply)) => {
+                    tracing::info!(
+                        "{id}: rejected from=<{}>, client=[{}]: {} {} {}",
+                        envelope.sender,
+                        envelope.client.address,
+                        reply.code,
+                        reply.enhanced,
+                        reply.lines.join(" ")
+                    );
+                    writer.discard();
+                    self.session.abort();
+                    return reply;
+                }
+                None => {}
+            }
+        }
         let size = writer.size();
-        let envelope = self.envelope(&id, size);
+        envelope.size = size;
         let outcome = writer.commit(envelope.clone(), &self.server.syncer).await;
         match &outcome {
             DataOutcome::Queued(_) => tracing::info!(
@@ -556,6 +589,26 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
             other => tracing::info!("{id}: rejected from=<{}>: {other:?}", envelope.sender),
         }
         self.session.finish(outcome)
+    }
+
+    /// SPF, DKIM, ARC and DMARC of a message from the internet; None when
+    /// the message is not stored whole (too big, write error: the commit
+    /// reports that).
+    async fn check_sender(
+        &self,
+        writer: &mut MessageWriter,
+        envelope: &Envelope,
+    ) -> Option<Verdict> {
+        let checks = self.settings.checks.clone();
+        let _slot = checks.slot().await;
+        let message = writer.contents().await?;
+        let inbound = Inbound {
+            client_ip: self.session.client_ip(),
+            helo: &envelope.client.helo,
+            sender: &envelope.sender,
+            message: &message,
+        };
+        Some(checks.check(&inbound).await)
     }
 
     /// Read DATA until `CRLF.CRLF`; returns a reply to close with if the

@@ -178,6 +178,12 @@ impl Session {
         }
     }
 
+    /// Whether the client is an outsider: neither authenticated, nor in
+    /// the relay networks, nor local. Its mail gets the sender checks.
+    pub fn from_outside(&self) -> bool {
+        !self.may_relay && self.auth_user.is_none()
+    }
+
     /// TLS is up after STARTTLS: everything learnt from the client before
     /// is forgotten and EHLO is needed again (RFC 3207 4.2).
     pub fn tls_started(&mut self, tls: TlsSummary) {

@@ -402,7 +402,7 @@ impl Remote {
                 }
             };
             match session
-                .transaction(&env.sender, &params, &rcpts, file)
+                .transaction(&env.sender, &params, &rcpts, &env.added_headers, file)
                 .await
             {
                 Ok(replies) => {

@@ -240,6 +240,7 @@ impl Session {
         sender: &str,
         params: &MailParams,
         recipients: &[TxnRecipient],
+        added_headers: &str,
         message: tokio::fs::File,
     ) -> Result<Vec<RcptResult>, ClientError> {
         let mail = proto::mail_from(sender, params);
@@ -317,7 +318,7 @@ impl Session {
                 None
             }
             Some(reply) if reply.code == 354 => {
-                self.send_data(message).await?;
+                self.send_data(added_headers, message).await?;
                 Some(self.conn.reply(FINAL_TIMEOUT, "to end of DATA").await?.0)
             }
             Some(reply) if accepted > 0 => {
@@ -356,11 +357,17 @@ impl Session {
             .map(|_| ())
     }
 
-    /// Stream the message, dot-stuffed, then the final dot.
-    async fn send_data(&mut self, mut message: tokio::fs::File) -> Result<(), ClientError> {
+    /// Stream `added_headers` and the message, dot-stuffed, then the
+    /// final dot.
+    async fn send_data(
+        &mut self,
+        added_headers: &str,
+        mut message: tokio::fs::File,
+    ) -> Result<(), ClientError> {
         let mut encoder = DataEncoder::new();
         let mut chunk = vec![0u8; 64 * 1024];
         let mut out = Vec::with_capacity(70 * 1024);
+        encoder.encode(added_headers.as_bytes(), &mut out);
         loop {
             let n = message.read(&mut chunk).await?;
             if n == 0 {

@@ -1,0 +1,214 @@
+//! Sender authentication of mail from the internet, with mail-auth over
+//! our one resolver: SPF (RFC 7208) of HELO and MAIL FROM, DKIM (RFC 6376),
+//! ARC (RFC 8617), DMARC (RFC 7489); the `Authentication-Results:` header
+//! (RFC 8601) and what the verdict means for the message.
+
+use std::net::IpAddr;
+
+use common::config::{CheckAction, ChecksConfig, Config};
+use mail_auth::common::headers::HeaderWriter;
+use mail_auth::dkim::DkimError;
+use mail_auth::dmarc::verify::DmarcParameters;
+use mail_auth::dmarc::Policy;
+use mail_auth::spf::verify::SpfParameters;
+use mail_auth::{
+    AuthenticatedMessage, AuthenticationResults, DkimOutput, DkimResult, DmarcResult,
+    MessageAuthenticator, SpfOutput, SpfResult,
+};
+use tokio::sync::Semaphore;
+
+use super::reply::Reply;
+
+/// The checks, set up once per smtpd.
+pub struct AuthChecks {
+    authenticator: MessageAuthenticator,
+    config: ChecksConfig,
+    authserv_id: String,
+    hostname: String,
+    /// Messages being checked at once: each is read whole into memory.
+    slots: Semaphore,
+}
+
+/// One received message and its envelope.
+pub struct Inbound<'a> {
+    pub client_ip: IpAddr,
+    pub helo: &'a str,
+    /// MAIL FROM, bare; empty for the null sender.
+    pub sender: &'a str,
+    /// The message as stored, CRLF line ends.
+    pub message: &'a [u8],
+}
+
+/// What becomes of the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Queue it with this Authentication-Results field (CRLF-ended);
+    /// `junk`: file local copies in Junk.
+    Accept {
+        header: String,
+        junk: bool,
+    },
+    Reject(Reply),
+}
+
+impl AuthChecks {
+    /// Set up from the config (inside the runtime).
+    pub fn new(config: &Config) -> Result<AuthChecks, common::dns::SetupError> {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Ok(AuthChecks {
+            authenticator: MessageAuthenticator(common::dns::resolver(&config.dns)?),
+            config: config.checks.clone(),
+            authserv_id: config
+                .checks
+                .authserv_id
+                .clone()
+                .unwrap_or_else(|| config.hostname.clone()),
+            hostname: config.hostname.clone(),
+            slots: Semaphore::new(2 * cores),
+        })
+    }
+
+    /// The name our Authentication-Results header carries.
+    pub fn authserv_id(&self) -> &str {
+        &self.authserv_id
+    }
+
+    /// Wait for a turn to check a message (bounds the memory of messages
+    /// read whole).
+    pub async fn slot(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.slots.acquire().await.expect("never closed")
+    }
+
+    /// Run the enabled checks.
+    pub async fn check(&self, input: &Inbound<'_>) -> Verdict {
+        let c = &self.config;
+        let auth = &self.authenticator;
+        let Some(message) = AuthenticatedMessage::parse(input.message) else {
+            // No header section at all: nothing to authenticate.
+            return Verdict::Accept {
+                header: format!("Authentication-Results: {}; none\r\n", self.authserv_id),
+                junk: false,
+            };
+        };
+        let ip = input.client_ip;
+        let helo = input.helo;
+        let mut results = AuthenticationResults::new(&self.authserv_id);
+        let (spf_helo, spf_mail) = if c.spf {
+            let helo_out = auth
+                .verify_spf(SpfParameters::verify_ehlo(ip, helo, &self.hostname))
+                .await;
+            let mail_out = auth
+                .verify_spf(SpfParameters::verify_mail_from(
+                    ip,
+                    helo,
+                    &self.hostname,
+                    input.sender,
+                ))
+                .await;
+            results = results
+                .with_spf_ehlo_result(&helo_out, ip, helo)
+                .with_spf_mailfrom_result(&mail_out, ip, input.sender, helo);
+            (Some(helo_out), Some(mail_out))
+        } else {
+            (None, None)
+        };
+        let dkim = if c.dkim {
+            let out = body_hash_mismatch_fails(&message, auth.verify_dkim(&message).await);
+            results = results.with_dkim_results(&out, message.from());
+            out
+        } else {
+            Vec::new()
+        };
+        if c.arc {
+            let arc = auth.verify_arc(&message).await;
+            results = results.with_arc_result(&arc, ip);
+        }
+        let mut action = CheckAction::Tag;
+        // The enhanced code and text of a refusal.
+        let mut reason = ("5.7.1", String::new());
+        if let Some(spf) = &spf_mail {
+            if spf.result() == SpfResult::Fail {
+                action = c.spf_fail;
+                // RFC 7372 3.2
+                reason = (
+                    "5.7.23",
+                    format!(
+                        "SPF of {} does not allow {ip} to send its mail",
+                        spf.domain()
+                    ),
+                );
+            }
+        }
+        if let (true, Some(spf_mail), Some(spf_helo)) = (c.dmarc, &spf_mail, &spf_helo) {
+            // RFC 7489 3.1.2: with the null sender, SPF identity is HELO's.
+            let (mail_from_domain, spf): (&str, &SpfOutput) = match input.sender.rsplit_once('@') {
+                Some((_, domain)) => (domain, spf_mail),
+                None => (helo, spf_helo),
+            };
+            let dmarc = auth
+                .verify_dmarc(DmarcParameters::new(&message, &dkim, mail_from_domain, spf))
+                .await;
+            results = results.with_dmarc_result(&dmarc);
+            if matches!(dmarc.result(), DmarcResult::Fail(_)) {
+                let by_policy = match dmarc.policy() {
+                    Policy::Reject => c.dmarc_reject,
+                    Policy::Quarantine => c.dmarc_quarantine,
+                    Policy::None | Policy::Unspecified => CheckAction::Tag,
+                };
+                if severity(by_policy) >= severity(action) {
+                    action = by_policy;
+                    reason = (
+                        "5.7.1",
+                        format!(
+                            "DMARC policy of {} rejects this message (not aligned with SPF or DKIM)",
+                            dmarc.domain()
+                        ),
+                    );
+                }
+            }
+        }
+        let header = results.to_header();
+        match action {
+            CheckAction::Reject => Verdict::Reject(Reply::new(550, reason.0, reason.1)),
+            CheckAction::Junk => Verdict::Accept { header, junk: true },
+            CheckAction::Tag => Verdict::Accept {
+                header,
+                junk: false,
+            },
+        }
+    }
+}
+
+fn severity(action: CheckAction) -> u8 {
+    match action {
+        CheckAction::Tag => 0,
+        CheckAction::Junk => 1,
+        CheckAction::Reject => 2,
+    }
+}
+
+/// RFC 6376 6.1.3: a body hash that does not match is a failed signature
+/// (PERMFAIL, "dkim=fail" in RFC 8601), where mail-auth says neutral.
+fn body_hash_mismatch_fails<'x>(
+    message: &'x AuthenticatedMessage<'x>,
+    outputs: Vec<DkimOutput<'x>>,
+) -> Vec<DkimOutput<'x>> {
+    let mismatch = mail_auth::Error::Dkim(DkimError::FailedBodyHashMatch);
+    outputs
+        .into_iter()
+        .map(|out| {
+            let signed = out.signature().and_then(|sig| {
+                message
+                    .dkim_headers
+                    .iter()
+                    .find(|h| std::ptr::eq(&h.header, sig))
+            });
+            match (out.result(), signed) {
+                (DkimResult::Neutral(e), Some(h)) if *e == mismatch => {
+                    DkimOutput::fail(mismatch.clone()).with_signature(&h.header)
+                }
+                _ => out,
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,173 @@
+"""Sender authentication of mail from the internet (smtpd(8), [checks] in
+mailsrv.conf(5)): SPF, DKIM, ARC and DMARC results in one
+Authentication-Results header, forged ones removed, DMARC policies
+applied. The sending domains live in the test's DNS server; messages are
+signed with dkimpy, an independent DKIM implementation."""
+
+import base64
+import email
+import email.policy
+import smtplib
+import subprocess
+
+import dkim
+import pytest
+
+from mailtest import make_message, wait_until
+
+ALICE = "alice@example.test"
+
+
+def results_of(content: bytes) -> list[str]:
+    """Every Authentication-Results field of a delivered message, unfolded."""
+    msg = email.message_from_bytes(content, policy=email.policy.compat32)
+    return [" ".join(str(v).split()) for v in msg.get_all("Authentication-Results", [])]
+
+
+def our_results(srv, content: bytes) -> str:
+    ours = [r for r in results_of(content) if r.split(";")[0].strip() == srv.hostname]
+    assert len(ours) == 1, results_of(content)
+    return ours[0]
+
+
+def sender_domain(dns, spf: str | None = "v=spf1 ip4:127.0.0.1 -all",
+                  dmarc: str | None = "v=DMARC1; p=reject") -> str:
+    """A fresh domain that answers for itself (NXDOMAIN for names it does
+    not have), with the given SPF and DMARC records."""
+    domain = dns.unique("s")
+    dns.authoritative(domain)
+    # DMARC also asks the parent domains (RFC 9989 tree walk).
+    dns.nxdomain("_dmarc.test")
+    if spf:
+        dns.add_txt(domain, spf)
+    if dmarc:
+        dns.add_txt(f"_dmarc.{domain}", dmarc)
+    return domain
+
+
+def dkim_key(dns, domain: str, selector: str = "sel") -> bytes:
+    """An RSA-2048 key whose public half is published for `domain`."""
+    private = subprocess.run(["openssl", "genrsa", "2048"], capture_output=True, check=True).stdout
+    public = subprocess.run(["openssl", "rsa", "-pubout", "-outform", "DER"], input=private,
+                            capture_output=True, check=True).stdout
+    dns.add_txt(f"{selector}._domainkey.{domain}",
+                f"v=DKIM1; k=rsa; p={base64.b64encode(public).decode()}")
+    return private
+
+
+def signed(message: bytes, domain: str, key: bytes, selector: str = "sel") -> bytes:
+    signature = dkim.sign(message, selector.encode(), domain.encode(), key,
+                          include_headers=[b"From", b"To", b"Subject", b"Date", b"Message-ID"])
+    return signature.replace(b"\n", b"\r\n").replace(b"\r\r\n", b"\r\n") + message
+
+
+def send_from(srv, sender: str, message: bytes) -> None:
+    with srv.smtp() as s:
+        s.ehlo("client.example.test")
+        refused = s.sendmail(sender, [ALICE], message)
+    assert refused == {}
+
+
+def test_signed_mail_from_an_authenticated_domain_passes_every_check(mailsrv, dns):
+    srv = mailsrv
+    srv.add_user(ALICE)
+    domain = sender_domain(dns)
+    key = dkim_key(dns, domain)
+    sender = f"news@{domain}"
+    send_from(srv, sender, signed(make_message("signed", sender=sender, to=ALICE), domain, key))
+    [path] = srv.wait_for_messages(ALICE, 1)
+    results = our_results(srv, path.read_bytes())
+    assert f"dkim=pass header.i=@{domain} header.s=sel" in results, results
+    assert "spf=pass" in results and f"smtp.mailfrom={sender}" in results, results
+    assert f"dmarc=pass header.from={domain}" in results, results
+    # Ours is the first field, above our Received.
+    lines = path.read_bytes().split(b"\n")
+    assert lines[2].startswith(f"Authentication-Results: {srv.hostname};".encode()), lines[:4]
+
+
+def test_body_changed_in_transit_fails_dkim(mailsrv, dns):
+    srv = mailsrv
+    srv.add_user(ALICE)
+    domain = sender_domain(dns, spf=None, dmarc="v=DMARC1; p=none")
+    key = dkim_key(dns, domain)
+    sender = f"news@{domain}"
+    message = signed(make_message("tampered", sender=sender, to=ALICE), domain, key)
+    send_from(srv, sender, message.replace(b"\r\n\r\n", b"\r\n\r\nAn added line.\r\n", 1))
+    [path] = srv.wait_for_messages(ALICE, 1)
+    results = our_results(srv, path.read_bytes())
+    assert f"dkim=fail (body hash did not verify) header.i=@{domain}" in results, results
+    assert "spf=none" in results and "dmarc=fail" in results, results
+
+
+def test_spf_failure_from_a_p_reject_domain_is_refused_at_end_of_data(mailsrv, dns):
+    srv = mailsrv
+    srv.add_user(ALICE)
+    domain = sender_domain(dns, spf="v=spf1 -all", dmarc="v=DMARC1; p=reject")
+    sender = f"ceo@{domain}"
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        send_from(srv, sender, make_message("forged", sender=sender, to=ALICE))
+    assert refused.value.smtp_code == 550, refused.value
+    assert b"5.7.1" in refused.value.smtp_error and domain.encode() in refused.value.smtp_error
+    assert "rejected from=<" in srv.log()
+    srv.wait_spool_empty()
+    assert srv.messages(ALICE) == []
+
+
+def test_quarantine_policy_files_the_message_in_junk(mailsrv, dns):
+    srv = mailsrv
+    srv.add_user(ALICE)
+    domain = sender_domain(dns, spf="v=spf1 -all", dmarc="v=DMARC1; p=quarantine")
+    sender = f"billing@{domain}"
+    send_from(srv, sender, make_message("suspicious", sender=sender, to=ALICE))
+    junk = srv.maildir(ALICE) / ".Junk" / "new"
+    [path] = wait_until(lambda: list(junk.iterdir()) or None, 20, "a message in Junk")
+    assert "dmarc=fail" in our_results(srv, path.read_bytes())
+    assert srv.messages(ALICE) == []
+    assert "as junk" in srv.log()
+
+
+def test_forged_results_claiming_our_name_are_removed(mailsrv, dns):
+    srv = mailsrv
+    srv.add_user(ALICE)
+    domain = sender_domain(dns, spf="v=spf1 ?all", dmarc=None)
+    sender = f"someone@{domain}"
+    message = (f"Authentication-Results: {srv.hostname}; dkim=pass header.d=bank.test\r\n"
+               f"Authentication-Results: (comment)\r\n {srv.hostname.upper()};\r\n\tspf=pass\r\n"
+               f"Authentication-Results: elsewhere.test; spf=pass\r\n").encode() \
+        + make_message("forged results", sender=sender, to=ALICE)
+    send_from(srv, sender, message)
+    [path] = srv.wait_for_messages(ALICE, 1)
+    content = path.read_bytes()
+    results = results_of(content)
+    assert len(results) == 2, results
+    assert "bank.test" not in content.decode()
+    assert any(r.startswith("elsewhere.test;") for r in results), results
+    assert "spf=neutral" in our_results(srv, content)
+    assert "removed 2 Authentication-Results" in srv.log()
+
+
+def test_checks_turned_off_accept_what_dmarc_would_refuse(make_mailsrv, dns):
+    srv = make_mailsrv(users=[ALICE], config={"checks.dmarc_reject": "tag"})
+    domain = sender_domain(dns, spf="v=spf1 -all", dmarc="v=DMARC1; p=reject")
+    sender = f"ceo@{domain}"
+    send_from(srv, sender, make_message("tagged", sender=sender, to=ALICE))
+    [path] = srv.wait_for_messages(ALICE, 1)
+    assert "dmarc=fail" in our_results(srv, path.read_bytes())
+
+    for check in ("spf", "dkim", "arc", "dmarc"):
+        srv.set_config(f"checks.{check}", False)
+    srv.restart()
+    send_from(srv, sender, make_message("unchecked", sender=sender, to=ALICE))
+    paths = srv.wait_for_messages(ALICE, 2)
+    newest = max(paths, key=lambda p: p.stat().st_mtime_ns)
+    results = our_results(srv, newest.read_bytes())
+    assert "spf=" not in results and "dmarc=" not in results, results
+
+
+def test_mail_from_relay_networks_is_not_checked(make_mailsrv, dns):
+    srv = make_mailsrv(users=[ALICE], config={"smtpd.relay_networks": ["127.0.0.1"]})
+    domain = sender_domain(dns, spf="v=spf1 -all", dmarc="v=DMARC1; p=reject")
+    sender = f"app@{domain}"
+    send_from(srv, sender, make_message("trusted network", sender=sender, to=ALICE))
+    [path] = srv.wait_for_messages(ALICE, 1)
+    assert results_of(path.read_bytes()) == []
