@@ -6,6 +6,7 @@ signed with dkimpy, an independent DKIM implementation."""
 
 import base64
 import email
+import os
 import email.policy
 import smtplib
 import subprocess
@@ -13,7 +14,9 @@ import subprocess
 import dkim
 import pytest
 
+from conftest import BIN_DIR
 from mailtest import make_message, wait_until
+from test_remote import receiving_installation
 
 ALICE = "alice@example.test"
 
@@ -171,3 +174,64 @@ def test_mail_from_relay_networks_is_not_checked(make_mailsrv, dns):
     send_from(srv, sender, make_message("trusted network", sender=sender, to=ALICE))
     [path] = srv.wait_for_messages(ALICE, 1)
     assert results_of(path.read_bytes()) == []
+
+
+def publish(dns, zone_output: str) -> None:
+    """Put the TXT lines `mailctl dns` printed into the test DNS server."""
+    for line in zone_output.splitlines():
+        if line.startswith(";") or " IN TXT " not in line:
+            continue
+        name, _, value = line.partition(" IN TXT ")
+        strings = [s for s in value.strip().split('"') if s.strip()]
+        dns.add_txt(name.strip().rstrip("."), "".join(strings).encode())
+
+
+def signing_installation(make_mailsrv, dns, remote_port: int):
+    """Installation A (example.test) with an RSA and an Ed25519 key, its
+    DKIM, SPF (127.0.0.1 via `ip4:` instead of the printed `mx`) and
+    DMARC records published, relaying for 127.0.0.0/8 to MX hosts on
+    `remote_port`."""
+    a = make_mailsrv(users=[ALICE], start=False, config={
+        "smtpd.relay_networks": ["127.0.0.0/8"], "delivery.remote_port": remote_port})
+    for selector, algorithm in (("r1", "rsa"), ("e1", "ed25519")):
+        made = a.ctl("dkim", "keygen", a.domain, "--selector", selector, "--algorithm", algorithm)
+        assert f"{selector}._domainkey.{a.domain}." in made.stdout, made.stdout
+    printed = a.ctl("dns", a.domain).stdout
+    assert "v=spf1 mx -all" in printed and "v=DMARC1; p=quarantine" in printed, printed
+    publish(dns, "\n".join(l for l in printed.splitlines() if "_domainkey" in l))
+    dns.authoritative(a.domain)
+    # DMARC also asks the parent domains (RFC 9989 tree walk).
+    dns.nxdomain("_dmarc.test")
+    dns.add_txt(a.domain, "v=spf1 ip4:127.0.0.1 -all")
+    dns.add_txt(f"_dmarc.{a.domain}", "v=DMARC1; p=reject")
+    a.start()
+    return a
+
+
+def test_mail_signed_by_one_installation_passes_every_check_at_another(make_mailsrv, dns):
+    b, domain = receiving_installation(make_mailsrv, dns)
+    a = signing_installation(make_mailsrv, dns, b.smtp_port)
+    carol = f"carol@{domain}"
+    a.send(carol, make_message("signed by A", sender=ALICE, to=carol), sender=ALICE)
+    [path] = b.wait_for_messages(carol, 1)
+    content = path.read_bytes()
+    results = our_results(b, content)
+    for selector in ("r1", "e1"):
+        assert f"dkim=pass header.d={a.domain} header.s={selector}" in results, results
+    assert "spf=pass" in results and f"dmarc=pass header.from={a.domain}" in results, results
+    assert content.count(b"DKIM-Signature:") == 2
+
+
+def test_mail_from_sendmail_is_signed_before_queueing(make_mailsrv, dns):
+    b, domain = receiving_installation(make_mailsrv, dns)
+    a = signing_installation(make_mailsrv, dns, b.smtp_port)
+    carol = f"carol@{domain}"
+    env = {**os.environ, "MAILSRV_CONFIG": str(a.config_path)}
+    message = f"From: {ALICE}\nTo: {carol}\nSubject: from cron\n\n.a dotted line\n".encode()
+    subprocess.run([str(BIN_DIR / "sendmail"), "-f", ALICE, "-t"], input=message, env=env,
+                   check=True)
+    [path] = b.wait_for_messages(carol, 1)
+    results = our_results(b, path.read_bytes())
+    assert f"dkim=pass header.d={a.domain} header.s=r1" in results, results
+    assert "dmarc=pass" in results, results
+

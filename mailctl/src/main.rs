@@ -2,6 +2,7 @@
 
 mod check;
 mod control;
+mod dkim;
 mod init;
 mod queue;
 mod system;
@@ -39,6 +40,11 @@ enum Command {
     /// See and steer the mail queue
     #[command(subcommand)]
     Queue(queue::QueueCommand),
+    /// DKIM signing keys
+    #[command(subcommand)]
+    Dkim(dkim::DkimCommand),
+    /// Print the DNS records to publish for DOMAIN (MX, SPF, DKIM, DMARC)
+    Dns { domain: String },
     /// Validate the configuration and the tables
     Check,
     /// Start the mail system
@@ -60,6 +66,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Like every Unix tool, end quietly when the reader of our output goes
+    // away (`mailctl queue list | head`) instead of failing to print.
+    // SAFETY: setting a signal disposition before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -85,6 +97,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Alias(c) => tables::alias(&config, c),
         Command::Domain(c) => tables::domain(&config, c),
         Command::Queue(c) => queue::queue(&config, c),
+        Command::Dkim(c) => dkim::dkim(&config, c),
+        Command::Dns { domain } => dkim::dns(&config, &domain),
         Command::Start { foreground } => control::start(&config_path, &config, foreground),
         Command::Stop => control::stop(&config),
         Command::Reload => control::reload(&config),

@@ -137,6 +137,14 @@ pub struct Paths {
     /// the running program.
     #[serde(default)]
     pub libexec_dir: Option<PathBuf>,
+    /// DKIM signing keys: `<dkim_keys>/<domain>/<selector>.pem` (RSA or
+    /// Ed25519, PKCS#8 or PKCS#1 PEM), made by `mailctl dkim keygen`.
+    #[serde(default = "default_dkim_keys")]
+    pub dkim_keys: PathBuf,
+}
+
+fn default_dkim_keys() -> PathBuf {
+    "dkim".into()
 }
 
 /// Logging settings.
@@ -796,6 +804,7 @@ impl Paths {
             &mut self.domains,
             &mut self.run_dir,
             &mut self.log_file,
+            &mut self.dkim_keys,
         ] {
             absolutize(base, p);
         }

@@ -44,6 +44,8 @@ pub struct Context {
     /// Passes in a blocking phase (queue files, Maildirs) at once; a pass
     /// waiting on a remote server holds none.
     pub local_slots: Semaphore,
+    /// DKIM keys for mail that local programs send through sendmail.
+    pub signers: crate::dkim_sign::Signers,
 }
 
 impl Context {
@@ -62,6 +64,8 @@ impl Context {
             delay_warning: config.qmgr.delay_warning,
             remote: remote::Remote::new(config)?,
             local_slots: Semaphore::new(config.qmgr.delivery_concurrency),
+            signers: crate::dkim_sign::Signers::load(&config.paths.dkim_keys)
+                .context("loading DKIM keys")?,
         })
     }
 

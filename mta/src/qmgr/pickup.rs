@@ -97,6 +97,8 @@ fn pickup(ctx: &Context, id: &str) -> Result<(), Failed> {
     }
     let envelope = Envelope {
         size: data.len() as u64,
+        // Signed once here, so every retry sends the same signature.
+        added_headers: ctx.signers.sign(&data),
         ..envelope
     };
     if let Err(e) = spool

@@ -22,6 +22,7 @@ use super::data::{DataDecoder, DataStatus};
 use super::receive::{DirSyncer, MessageWriter};
 use super::reply::Reply;
 use super::session::{Action, DataOutcome, Port, Session, SessionLimits};
+use crate::dkim_sign::Signers;
 
 /// Settings that a reload replaces; sessions started later use the new ones.
 pub struct Settings {
@@ -31,6 +32,8 @@ pub struct Settings {
     pub tls: TlsAcceptor,
     /// Sender authentication of mail from the internet.
     pub checks: Arc<AuthChecks>,
+    /// DKIM keys for mail our users and networks send.
+    pub signers: Arc<Signers>,
 }
 
 impl Settings {
@@ -38,11 +41,13 @@ impl Settings {
     pub fn new(config: Config, tls: TlsAcceptor) -> anyhow::Result<Settings> {
         let limits = SessionLimits::new(&config);
         let checks = Arc::new(AuthChecks::new(&config)?);
+        let signers = Arc::new(Signers::load(&config.paths.dkim_keys)?);
         Ok(Settings {
             config,
             limits,
             tls,
             checks,
+            signers,
         })
     }
 }
@@ -568,6 +573,12 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
                     return reply;
                 }
                 None => {}
+            }
+        } else if !self.settings.signers.is_empty() {
+            // Our users' and networks' mail: signed once, before queueing.
+            let _slot = self.settings.checks.slot().await;
+            if let Some(message) = writer.contents().await {
+                envelope.added_headers = self.settings.signers.sign(&message);
             }
         }
         let size = writer.size();

@@ -367,17 +367,17 @@ impl Session {
         let mut encoder = DataEncoder::new();
         let mut chunk = vec![0u8; 64 * 1024];
         let mut out = Vec::with_capacity(70 * 1024);
+        // The added header fields go out with the first block.
         encoder.encode(added_headers.as_bytes(), &mut out);
         loop {
             let n = message.read(&mut chunk).await?;
             if n == 0 {
                 break;
             }
-            out.clear();
             encoder.encode(&chunk[..n], &mut out);
             self.conn.send(&out, BLOCK_TIMEOUT).await?;
+            out.clear();
         }
-        out.clear();
         encoder.finish(&mut out);
         self.conn.send(&out, BLOCK_TIMEOUT).await
     }
