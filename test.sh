@@ -33,6 +33,6 @@ if [ "$(id -u)" -eq 0 ]; then
   # drop to their system users, as a production one does.
   MAILSRV_BIN_DIR=$PWD/target/debug MAILSRV_TEST_PRIVILEGED=1 python3 -m pytest -q \
     tests/test_delivery.py tests/test_aliases.py tests/test_queue.py tests/test_queue_admin.py \
-    tests/test_submission.py tests/test_sendmail.py tests/test_remote.py \
+    tests/test_submission.py tests/test_sendmail.py tests/test_remote.py tests/test_mail_auth.py \
     tests/test_imap.py tests/test_pop3.py tests/test_mbsync.py
 fi
