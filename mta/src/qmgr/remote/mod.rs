@@ -295,11 +295,13 @@ impl Remote {
                 .map(|&i| (i, RemoteResult::Failed(reason.clone())))
                 .collect()
         };
-        if caps.size_limit > 0 && env.size > caps.size_limit {
+        // What goes out: the header fields added in the queue, then the file.
+        let size = env.size + env.added_headers.len() as u64;
+        if caps.size_limit > 0 && size > caps.size_limit {
             return (
                 fail_all(format!(
-                    "5.3.4 message size {} exceeds the limit of {} bytes of {hop}",
-                    env.size, caps.size_limit
+                    "5.3.4 message size {size} exceeds the limit of {} bytes of {hop}",
+                    caps.size_limit
                 )),
                 true,
             );
@@ -363,7 +365,7 @@ impl Remote {
         }
         let params = MailParams {
             // RFC 1870 6: SIZE= whenever the server offers SIZE.
-            size: caps.size_offered.then_some(env.size),
+            size: caps.size_offered.then_some(size),
             eight_bit: eight_bit && caps.eight_bit_mime,
             smtputf8: env.params.smtputf8 && caps.smtputf8,
             ret: env.params.ret.clone().filter(|_| caps.dsn),
