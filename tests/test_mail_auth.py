@@ -9,16 +9,18 @@ import email
 import os
 import email.policy
 import smtplib
+import socket
 import subprocess
 
 import dkim
 import pytest
 
 from conftest import BIN_DIR
-from mailtest import make_message, wait_until
+from mailtest import insecure_tls_context, make_message, wait_until
 from test_remote import receiving_installation
 
 ALICE = "alice@example.test"
+BOB = "bob@example.test"
 
 
 def results_of(content: bytes) -> list[str]:
@@ -126,7 +128,7 @@ def test_quarantine_policy_files_the_message_in_junk(mailsrv, dns):
     [path] = wait_until(lambda: list(junk.iterdir()) or None, 20, "a message in Junk")
     assert "dmarc=fail" in our_results(srv, path.read_bytes())
     assert srv.messages(ALICE) == []
-    assert "as junk" in srv.log()
+    wait_until(lambda: "as junk" in srv.log(), 10, "the junk delivery logged")
 
 
 def test_forged_results_claiming_our_name_are_removed(mailsrv, dns):
@@ -235,3 +237,81 @@ def test_mail_from_sendmail_is_signed_before_queueing(make_mailsrv, dns):
     assert f"dkim=pass header.d={a.domain} header.s=r1" in results, results
     assert "dmarc=pass" in results, results
 
+
+
+def test_client_on_a_block_list_is_refused_with_the_zone_named(make_mailsrv, dns):
+    zone = dns.unique("bl")
+    dns.authoritative(zone)
+    dns.add_a(f"1.0.0.127.{zone}", "127.0.0.2")
+    srv = make_mailsrv(users=[ALICE])
+    # Listed from a reload on (the start-up check waits for a 220).
+    srv.set_config("checks.dnsbl", [zone])
+    srv.ctl("reload")
+
+    def greeting() -> tuple[int, bytes]:
+        try:
+            with smtplib.SMTP("127.0.0.1", srv.smtp_port, timeout=10):
+                return None
+        except smtplib.SMTPConnectError as e:
+            return e.smtp_code, e.smtp_error
+    code, text = wait_until(greeting, 15, "a refused greeting after the reload")
+    assert code == 554, (code, text)
+    assert f"5.7.1 Service unavailable; client [127.0.0.1] blocked using {zone}".encode() in text
+    # RFC 5321 3.1: after the 554 greeting only QUIT is served.
+    with socket.create_connection(("127.0.0.1", srv.smtp_port), timeout=10) as sock:
+        replies = sock.makefile("rb")
+        assert replies.readline().startswith(b"554 5.7.1 ")
+        for command, expected in ((b"EHLO client.example.test", b"503 5.7.1 "),
+                                  (b"MAIL FROM:<x@y.test>", b"503 5.7.1 "), (b"QUIT", b"221 ")):
+            sock.sendall(command + b"\r\n")
+            assert replies.readline().startswith(expected), command
+    assert f"listed by {zone}" in srv.log()
+    # The submission port does not ask the lists.
+    with smtplib.SMTP("127.0.0.1", srv.submission_port, timeout=10) as s:
+        assert s.ehlo()[0] == 250
+
+
+def test_allow_list_weight_and_error_codes_let_a_client_in(make_mailsrv, dns):
+    block, allow, erroring = dns.unique("bl"), dns.unique("wl"), dns.unique("err")
+    for zone in (block, allow, erroring):
+        dns.authoritative(zone)
+    dns.add_a(f"1.0.0.127.{block}", "127.0.0.2")
+    dns.add_a(f"1.0.0.127.{allow}", "127.0.9.2")
+    # Spamhaus's "query refused" answer is not a listing.
+    dns.add_a(f"1.0.0.127.{erroring}", "127.255.255.254")
+    srv = make_mailsrv(users=[ALICE], config={
+        "checks.dnsbl": [f"{block}*2", f"{allow}*-5", f"{erroring}*10"],
+        "checks.dnsbl_threshold": 2})
+    srv.send(ALICE, make_message("allowed", to=ALICE))
+    srv.wait_for_messages(ALICE, 1)
+    assert "refused connection" not in srv.log()
+
+
+def test_relay_networks_are_not_looked_up(make_mailsrv, dns):
+    zone = dns.unique("bl")
+    dns.authoritative(zone)
+    dns.add_a(f"1.0.0.127.{zone}", "127.0.0.2")
+    srv = make_mailsrv(users=[ALICE], config={"checks.dnsbl": [zone],
+                                              "smtpd.relay_networks": ["127.0.0.1"]})
+    srv.send(ALICE, make_message("from our network", to=ALICE))
+    srv.wait_for_messages(ALICE, 1)
+    assert dns.queried(f"1.0.0.127.{zone}") == []
+
+
+def test_a_user_gets_signatures_only_for_its_own_from_addresses(make_mailsrv, dns):
+    b, domain = receiving_installation(make_mailsrv, dns)
+    a = signing_installation(make_mailsrv, dns, b.smtp_port)
+    a.add_user(BOB)
+    carol = f"carol@{domain}"
+    with smtplib.SMTP("127.0.0.1", a.submission_port, timeout=15) as s:
+        s.starttls(context=insecure_tls_context())
+        s.login(ALICE, a.passwords[ALICE])
+        # MAIL FROM is alice's own; the From header claims bob.
+        s.sendmail(ALICE, [carol], make_message("as bob", sender=BOB, to=carol))
+        s.sendmail(ALICE, [carol], make_message("as alice", sender=ALICE, to=carol))
+    paths = b.wait_for_messages(carol, 2)
+    by_subject = {email.message_from_bytes(p.read_bytes())["Subject"]: p.read_bytes()
+                  for p in paths}
+    assert b"DKIM-Signature:" not in by_subject["as bob"]
+    assert "dkim=pass" in our_results(b, by_subject["as alice"])
+    assert f"not signing for <{BOB}>" in a.log()

@@ -91,7 +91,7 @@ fn keygen(
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     write_key(config, &path, pem.as_bytes())?;
     println!("created {}", path.display());
-    println!("publish this record, then `mailctl reload`:");
+    println!("publish this record; smtpd signs with the key after `mailctl reload`, qmgr (sendmail's mail) after a restart:");
     println!("{}", dkim_record(&domain, &path)?);
     Ok(())
 }

@@ -49,8 +49,19 @@ pub struct Signers {
 }
 
 impl Signers {
-    /// Load every key under `dir` (a missing directory: no keys).
-    pub fn load(dir: &Path) -> Result<Signers, KeyError> {
+    /// Load every key under `dir` (a missing directory: no keys). A key
+    /// that cannot be used is logged and left out: mail still flows,
+    /// unsigned for that selector, and the daemon does not stop.
+    pub fn load(dir: &Path) -> Signers {
+        let mut problems = Vec::new();
+        let signers = Self::load_keys(dir, &mut problems);
+        for e in problems {
+            tracing::error!("DKIM key not used: {e}");
+        }
+        signers
+    }
+
+    fn load_keys(dir: &Path, problems: &mut Vec<KeyError>) -> Signers {
         let mut signers = Signers::default();
         let error = |path: &Path, reason: String| KeyError {
             path: path.to_path_buf(),
@@ -58,11 +69,14 @@ impl Signers {
         };
         let domains = match std::fs::read_dir(dir) {
             Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(signers),
-            Err(e) => return Err(error(dir, e.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return signers,
+            Err(e) => {
+                problems.push(error(dir, e.to_string()));
+                return signers;
+            }
         };
-        for domain in domains {
-            let domain = domain.map_err(|e| error(dir, e.to_string()))?.path();
+        for domain in domains.filter_map(Result::ok) {
+            let domain = domain.path();
             let Some(name) = domain.file_name().and_then(|n| n.to_str()) else {
                 continue;
             };
@@ -70,7 +84,13 @@ impl Signers {
                 continue;
             }
             let name = name.to_ascii_lowercase();
-            let keys = std::fs::read_dir(&domain).map_err(|e| error(&domain, e.to_string()))?;
+            let keys = match std::fs::read_dir(&domain) {
+                Ok(k) => k,
+                Err(e) => {
+                    problems.push(error(&domain, e.to_string()));
+                    continue;
+                }
+            };
             let mut paths: Vec<PathBuf> = keys
                 .filter_map(|k| k.ok().map(|k| k.path()))
                 .filter(|p| p.extension().is_some_and(|e| e == "pem"))
@@ -82,8 +102,16 @@ impl Signers {
                     .and_then(|s| s.to_str())
                     .unwrap_or_default()
                     .to_string();
-                let pem = std::fs::read(&path).map_err(|e| error(&path, e.to_string()))?;
-                let key = load_key(&pem).map_err(|e| error(&path, e))?;
+                let key = match std::fs::read(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|pem| load_key(&pem))
+                {
+                    Ok(k) => k,
+                    Err(e) => {
+                        problems.push(error(&path, e));
+                        continue;
+                    }
+                };
                 let signer = DkimSigner::from_key(key)
                     .domain(name.clone())
                     .selector(selector)
@@ -95,7 +123,7 @@ impl Signers {
                     .push(signer);
             }
         }
-        Ok(signers)
+        signers
     }
 
     /// Whether there is no key at all.
@@ -104,8 +132,9 @@ impl Signers {
     }
 
     /// The DKIM-Signature fields (CRLF-ended) for `message` (as stored,
-    /// CRLF), from the keys of its From domain; empty when there are none.
-    pub fn sign(&self, message: &[u8]) -> String {
+    /// CRLF), from the keys of its From domain, if `may_sign` allows its
+    /// From address; empty when there are none.
+    pub fn sign(&self, message: &[u8], may_sign: impl Fn(&str) -> bool) -> String {
         if self.by_domain.is_empty() {
             return String::new();
         }
@@ -119,6 +148,10 @@ impl Signers {
         let Some(signers) = self.by_domain.get(&domain.to_ascii_lowercase()) else {
             return String::new();
         };
+        if !may_sign(from) {
+            tracing::info!("not signing for <{from}>: not an address of the sender");
+            return String::new();
+        }
         let mut out = String::new();
         for signer in signers {
             match signer.sign(message) {

@@ -1,7 +1,11 @@
 //! `[checks]`: what smtpd checks of mail that comes from the internet
 //! (the MX port, a client outside `smtpd.relay_networks`, no AUTH).
 
-use serde::Deserialize;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer};
 
 /// What to do with a message a check condemns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -44,6 +48,81 @@ pub struct ChecksConfig {
     /// A DMARC failure where the domain's policy is `quarantine`.
     #[serde(default = "junk")]
     pub dmarc_quarantine: CheckAction,
+    /// DNS block and allow lists asked about MX-port clients at connect,
+    /// as `zone`, `zone*weight` or `zone=127.0.0.2,127.0.0.4*weight`
+    /// (Postfix postscreen's form; a negative weight is an allow list).
+    #[serde(default)]
+    pub dnsbl: Vec<DnsList>,
+    /// The summed weight at which a client is refused (554 5.7.1).
+    #[serde(default = "one")]
+    pub dnsbl_threshold: i32,
+}
+
+/// One DNS list and what its answers are worth.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsList {
+    pub zone: String,
+    /// Answers that count; empty: any 127.0.0.0/8 answer except the
+    /// ones that mean "not listed" or "error" (see [`DnsList::counts`]).
+    pub codes: Vec<Ipv4Addr>,
+    pub weight: i32,
+}
+
+impl DnsList {
+    /// Whether the answer `code` means "listed".
+    pub fn counts(&self, code: Ipv4Addr) -> bool {
+        if !self.codes.is_empty() {
+            return self.codes.contains(&code);
+        }
+        let [a, b, c, d] = code.octets();
+        // RFC 5782 2.3: 127.0.0.1 is never a listing (it is the test
+        // entry's "not listed" reply on some lists); 127.0.0.255 is
+        // DNSWL's "you are over the limit", 127.255.255.x Spamhaus's.
+        a == 127 && code != Ipv4Addr::new(127, 0, 0, 1) && d != 255 && !(b == 255 && c == 255)
+    }
+}
+
+impl FromStr for DnsList {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (rest, weight) = match s.rsplit_once('*') {
+            Some((r, w)) => (
+                r,
+                w.parse::<i32>()
+                    .map_err(|_| format!("`{s}`: the weight after * must be an integer"))?,
+            ),
+            None => (s, 1),
+        };
+        let (zone, codes) = match rest.split_once('=') {
+            Some((z, c)) => (
+                z,
+                c.split(',')
+                    .map(|code| {
+                        code.trim().parse::<Ipv4Addr>().map_err(|_| {
+                            format!("`{s}`: `{code}` is not an IPv4 address like 127.0.0.2")
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            None => (rest, Vec::new()),
+        };
+        let zone = zone.trim().trim_end_matches('.').to_ascii_lowercase();
+        if zone.is_empty() || !zone.contains('.') || zone.contains(char::is_whitespace) {
+            return Err(format!("`{s}`: expected a DNS zone like zen.spamhaus.org"));
+        }
+        Ok(DnsList {
+            zone,
+            codes,
+            weight,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for DnsList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(D::Error::custom)
+    }
 }
 
 impl Default for ChecksConfig {
@@ -57,10 +136,15 @@ impl Default for ChecksConfig {
             spf_fail: CheckAction::Tag,
             dmarc_reject: CheckAction::Reject,
             dmarc_quarantine: CheckAction::Junk,
+            dnsbl: Vec::new(),
+            dnsbl_threshold: 1,
         }
     }
 }
 
+fn one() -> i32 {
+    1
+}
 fn on() -> bool {
     true
 }
@@ -72,4 +156,30 @@ fn reject() -> CheckAction {
 }
 fn junk() -> CheckAction {
     CheckAction::Junk
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_forms_and_what_counts() {
+        let plain: DnsList = "zen.spamhaus.org.".parse().unwrap();
+        assert_eq!((plain.zone.as_str(), plain.weight), ("zen.spamhaus.org", 1));
+        assert!(plain.counts(Ipv4Addr::new(127, 0, 0, 2)));
+        assert!(!plain.counts(Ipv4Addr::new(127, 255, 255, 254)));
+        assert!(!plain.counts(Ipv4Addr::new(127, 0, 0, 1)));
+        assert!(!plain.counts(Ipv4Addr::new(10, 0, 0, 2)));
+        let allow: DnsList = "list.dnswl.org*-5".parse().unwrap();
+        assert_eq!(allow.weight, -5);
+        assert!(allow.counts(Ipv4Addr::new(127, 0, 9, 2)));
+        assert!(!allow.counts(Ipv4Addr::new(127, 0, 0, 255)));
+        let coded: DnsList = "bl.test=127.0.0.4, 127.0.0.5*3".parse().unwrap();
+        assert_eq!(coded.weight, 3);
+        assert!(coded.counts(Ipv4Addr::new(127, 0, 0, 5)));
+        assert!(!coded.counts(Ipv4Addr::new(127, 0, 0, 2)));
+        assert!("bl.test*x".parse::<DnsList>().is_err());
+        assert!("nodot".parse::<DnsList>().is_err());
+        assert!("bl.test=1.2.3".parse::<DnsList>().is_err());
+    }
 }

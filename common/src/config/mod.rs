@@ -14,7 +14,7 @@ use serde::{Deserialize, Deserializer};
 mod checks;
 mod delivery;
 
-pub use checks::{CheckAction, ChecksConfig};
+pub use checks::{CheckAction, ChecksConfig, DnsList};
 pub use delivery::{DeliveryConfig, DnsConfig, DomainPolicy, RelayConfig, TlsPolicy};
 
 /// Default location of the configuration file.

@@ -64,8 +64,7 @@ impl Context {
             delay_warning: config.qmgr.delay_warning,
             remote: remote::Remote::new(config)?,
             local_slots: Semaphore::new(config.qmgr.delivery_concurrency),
-            signers: crate::dkim_sign::Signers::load(&config.paths.dkim_keys)
-                .context("loading DKIM keys")?,
+            signers: crate::dkim_sign::Signers::load(&config.paths.dkim_keys),
         })
     }
 

@@ -98,7 +98,8 @@ fn pickup(ctx: &Context, id: &str) -> Result<(), Failed> {
     let envelope = Envelope {
         size: data.len() as u64,
         // Signed once here, so every retry sends the same signature.
-        added_headers: ctx.signers.sign(&data),
+        // Local programs are trusted with any From, as relay networks are.
+        added_headers: ctx.signers.sign(&data, |_| true),
         ..envelope
     };
     if let Err(e) = spool

@@ -6,6 +6,7 @@
 use std::net::IpAddr;
 
 use common::config::{CheckAction, ChecksConfig, Config};
+use hickory_resolver::TokioResolver;
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dkim::DkimError;
 use mail_auth::dmarc::verify::DmarcParameters;
@@ -52,11 +53,11 @@ pub enum Verdict {
 }
 
 impl AuthChecks {
-    /// Set up from the config (inside the runtime).
-    pub fn new(config: &Config) -> Result<AuthChecks, common::dns::SetupError> {
+    /// Set up from the config, asking `resolver`.
+    pub fn new(config: &Config, resolver: TokioResolver) -> AuthChecks {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Ok(AuthChecks {
-            authenticator: MessageAuthenticator(common::dns::resolver(&config.dns)?),
+        AuthChecks {
+            authenticator: MessageAuthenticator(resolver),
             config: config.checks.clone(),
             authserv_id: config
                 .checks
@@ -65,7 +66,7 @@ impl AuthChecks {
                 .unwrap_or_else(|| config.hostname.clone()),
             hostname: config.hostname.clone(),
             slots: Semaphore::new(2 * cores),
-        })
+        }
     }
 
     /// The name our Authentication-Results header carries.
@@ -160,8 +161,9 @@ impl AuthChecks {
                     reason = (
                         "5.7.1",
                         format!(
-                            "DMARC policy of {} rejects this message (not aligned with SPF or DKIM)",
-                            dmarc.domain()
+                            "DMARC check of {} failed (neither SPF nor DKIM aligned), and its policy says {}",
+                            dmarc.domain(),
+                            if dmarc.policy() == Policy::Reject { "reject" } else { "quarantine" }
                         ),
                     );
                 }

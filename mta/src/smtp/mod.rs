@@ -3,6 +3,7 @@
 
 pub mod auth_checks;
 pub mod data;
+pub mod dnsbl;
 pub mod hops;
 pub mod own_results;
 pub mod receive;

@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use common::address::Address;
 use common::config::Config;
 use common::login::{check_password, LoginThrottle};
 use common::net::{accept_loop, read_line, ConnectionLimiter, ConnectionSlot, Line, Refusal};
@@ -19,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::auth_checks::{AuthChecks, Inbound, Verdict};
 use super::data::{DataDecoder, DataStatus};
+use super::dnsbl::Dnsbl;
 use super::receive::{DirSyncer, MessageWriter};
 use super::reply::Reply;
 use super::session::{Action, DataOutcome, Port, Session, SessionLimits};
@@ -32,6 +34,8 @@ pub struct Settings {
     pub tls: TlsAcceptor,
     /// Sender authentication of mail from the internet.
     pub checks: Arc<AuthChecks>,
+    /// DNS block and allow lists asked at connect.
+    pub dnsbl: Arc<Dnsbl>,
     /// DKIM keys for mail our users and networks send.
     pub signers: Arc<Signers>,
 }
@@ -40,13 +44,20 @@ impl Settings {
     /// Derive session settings from the config (inside the runtime).
     pub fn new(config: Config, tls: TlsAcceptor) -> anyhow::Result<Settings> {
         let limits = SessionLimits::new(&config);
-        let checks = Arc::new(AuthChecks::new(&config)?);
-        let signers = Arc::new(Signers::load(&config.paths.dkim_keys)?);
+        let resolver = common::dns::resolver(&config.dns)?;
+        let checks = Arc::new(AuthChecks::new(&config, resolver.clone()));
+        let dnsbl = Arc::new(Dnsbl::new(
+            resolver,
+            config.checks.dnsbl.clone(),
+            config.checks.dnsbl_threshold,
+        ));
+        let signers = Arc::new(Signers::load(&config.paths.dkim_keys));
         Ok(Settings {
             config,
             limits,
             tls,
             checks,
+            dnsbl,
             signers,
         })
     }
@@ -158,7 +169,20 @@ impl Server {
         let _ = stream.set_nodelay(true);
         tracing::debug!("connect from [{ip}]");
         let deadline = Instant::now() + Duration::from_secs(settings.config.smtpd.session_timeout);
-        let session = Session::new(settings.limits.clone(), port, ip, None);
+        let mut session = Session::new(settings.limits.clone(), port, ip, None);
+        if port == Port::Mx && session.from_outside() {
+            if let Some(listed) = settings.dnsbl.check(ip).await {
+                tracing::info!(
+                    "refused connection from [{ip}]: listed by {} (score {})",
+                    listed.zones.join(", "),
+                    listed.score
+                );
+                session.refuse(format!(
+                    "Service unavailable; client [{ip}] blocked using {}",
+                    listed.zones.join(", ")
+                ));
+            }
+        }
         if let Err(e) = self
             .phases(stream, session, port, &settings, deadline)
             .await
@@ -578,7 +602,14 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
             // Our users' and networks' mail: signed once, before queueing.
             let _slot = self.settings.checks.slot().await;
             if let Some(message) = writer.contents().await {
-                envelope.added_headers = self.settings.signers.sign(&message);
+                // A user gets signatures only for From addresses it may
+                // send as, as for MAIL FROM; relay networks are trusted.
+                let directory = self.server.directory.current().0;
+                let user = self.session.auth_user().cloned();
+                envelope.added_headers = self.settings.signers.sign(&message, |from| {
+                    let Some(user) = &user else { return true };
+                    Address::parse(from).is_ok_and(|f| directory.may_send_as(user, &f))
+                });
             }
         }
         let size = writer.size();

@@ -149,6 +149,9 @@ pub struct Session {
     tls: Option<TlsSummary>,
     sasl: Option<Sasl>,
     auth_user: Option<Address>,
+    /// Why the client is refused (a DNS block list): the greeting says so
+    /// and every command but QUIT gets 503 (RFC 5321 3.1).
+    refused: Option<String>,
 }
 
 impl Session {
@@ -175,7 +178,13 @@ impl Session {
             tls,
             sasl: None,
             auth_user: None,
+            refused: None,
         }
+    }
+
+    /// Refuse the client for `why`: a 554 greeting, then nothing but QUIT.
+    pub fn refuse(&mut self, why: String) {
+        self.refused = Some(why);
     }
 
     /// Whether the client is an outsider: neither authenticated, nor in
@@ -212,6 +221,9 @@ impl Session {
 
     /// The 220 greeting (no enhanced code: RFC 2034 section 3).
     pub fn greeting(&self) -> Reply {
+        if let Some(why) = &self.refused {
+            return Reply::new(554, "5.7.1", why.clone());
+        }
         Reply {
             code: 220,
             enhanced: "",
@@ -251,6 +263,12 @@ impl Session {
     /// Handle one command line (CRLF included).
     pub fn handle(&mut self, line: &[u8], dir: &Directory) -> Action {
         let parsed = Request::parse(&mut line.iter());
+        if let Some(why) = &self.refused {
+            if !matches!(parsed, Ok(Request::Quit)) {
+                let refusal = reply(503, "5.7.1", why.clone());
+                return self.count_errors(refusal);
+            }
+        }
         let junk = matches!(
             parsed,
             Ok(Request::Noop { .. } | Request::Rset | Request::Vrfy { .. } | Request::Help { .. })
