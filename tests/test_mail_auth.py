@@ -285,6 +285,7 @@ def test_allow_list_weight_and_error_codes_let_a_client_in(make_mailsrv, dns):
     srv.send(ALICE, make_message("allowed", to=ALICE))
     srv.wait_for_messages(ALICE, 1)
     assert "refused connection" not in srv.log()
+    assert f"{erroring} refused the query (127.255.255.254)" in srv.log()
 
 
 def test_relay_networks_are_not_looked_up(make_mailsrv, dns):

@@ -2,7 +2,7 @@
 //! connect: each list that has the address adds its weight (negative for
 //! an allow list); at the threshold the client is refused.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use common::config::DnsList;
 use futures_util::future::join_all;
@@ -40,7 +40,7 @@ impl Dnsbl {
         }
         let answers = join_all(self.lists.iter().map(|list| async move {
             let name = query_name(ip, &list.zone);
-            let found = match self.resolver.ipv4_lookup(name).await {
+            let codes: Vec<Ipv4Addr> = match self.resolver.ipv4_lookup(name).await {
                 Ok(lookup) => lookup
                     .answers()
                     .iter()
@@ -48,9 +48,18 @@ impl Dnsbl {
                         hickory_resolver::proto::rr::RData::A(a) => Some(a.0),
                         _ => None,
                     })
-                    .any(|code| list.counts(code)),
-                Err(_) => false,
+                    .collect(),
+                Err(_) => Vec::new(),
             };
+            if let Some(code) = codes.iter().find(|c| is_refusal(**c)) {
+                // Spamhaus answers so when asked through a public
+                // resolver: the list then protects nothing.
+                tracing::warn!(
+                    "{} refused the query ({code}): ask it through your own resolver",
+                    list.zone
+                );
+            }
+            let found = codes.iter().any(|code| list.counts(*code));
             (list, found)
         }))
         .await;
@@ -66,6 +75,12 @@ impl Dnsbl {
         }
         (score >= self.threshold && !zones.is_empty()).then_some(Listed { zones, score })
     }
+}
+
+/// Spamhaus's answers for a refused query or an error (127.255.255.x).
+fn is_refusal(code: Ipv4Addr) -> bool {
+    let [a, b, c, _] = code.octets();
+    (a, b, c) == (127, 255, 255)
 }
 
 /// RFC 5782 2.1 and 2.4: the address's octets, or its 32 nibbles, in
