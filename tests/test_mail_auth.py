@@ -316,3 +316,22 @@ def test_a_user_gets_signatures_only_for_its_own_from_addresses(make_mailsrv, dn
     assert b"DKIM-Signature:" not in by_subject["as bob"]
     assert "dkim=pass" in our_results(b, by_subject["as alice"])
     assert f"not signing for <{BOB}>" in a.log()
+
+
+def test_rate_limits_answer_450_per_client_and_per_user(make_mailsrv):
+    srv = make_mailsrv(users=[ALICE, BOB], config={
+        "smtpd.max_messages_per_client": 2, "smtpd.max_recipients_per_user": 2})
+    with srv.raw() as smtp:
+        smtp.ehlo()
+        for _ in range(2):
+            smtp.expect("MAIL FROM:<x@remote.test>", 250)
+            smtp.expect("RSET", 250)
+        smtp.expect("MAIL FROM:<x@remote.test>", 450, "4.7.1")
+    # The user limit follows the login, whatever the address.
+    with smtplib.SMTP("127.0.0.1", srv.submission_port, timeout=15) as s:
+        s.starttls(context=insecure_tls_context())
+        s.login(ALICE, srv.passwords[ALICE])
+        s.mail(ALICE)
+        assert s.rcpt(ALICE)[0] == 250 and s.rcpt(BOB)[0] == 250
+        code, text = s.rcpt("alice+more@example.test")
+        assert code == 450 and text.startswith(b"4.7.1 Too many recipients from this user"), text

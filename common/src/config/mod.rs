@@ -260,6 +260,27 @@ pub struct SmtpdConfig {
     /// Seconds given to open sessions to finish when stopping.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: u64,
+    /// The window of the rate limits below, in seconds.
+    #[serde(default = "default_rate_window")]
+    pub rate_window: u64,
+    /// Messages (MAIL commands) one client address (an IPv6 /64) may
+    /// send per window; 0: no limit. Relay networks and authenticated
+    /// sessions are exempt (users have their own limits).
+    #[serde(default)]
+    pub max_messages_per_client: u32,
+    /// Recipients one client address may give per window; 0: no limit.
+    #[serde(default)]
+    pub max_recipients_per_client: u32,
+    /// Messages one authenticated user may send per window; 0: no limit.
+    #[serde(default)]
+    pub max_messages_per_user: u32,
+    /// Recipients one authenticated user may give per window; 0: no limit.
+    #[serde(default)]
+    pub max_recipients_per_user: u32,
+}
+
+fn default_rate_window() -> u64 {
+    3600
 }
 
 fn default_max_message_size() -> u64 {
@@ -664,6 +685,7 @@ impl Config {
                 u64::from(self.smtpd.max_received_headers),
             ),
             ("smtpd.session_timeout", self.smtpd.session_timeout),
+            ("smtpd.rate_window", self.smtpd.rate_window),
             ("dns.timeout", self.dns.timeout),
             ("dns.attempts", self.dns.attempts as u64),
             ("delivery.remote_port", u64::from(self.delivery.remote_port)),

@@ -6,6 +6,7 @@ pub mod data;
 pub mod dnsbl;
 pub mod hops;
 pub mod own_results;
+pub mod rates;
 pub mod receive;
 pub mod reply;
 pub mod server;

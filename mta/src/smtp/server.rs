@@ -21,6 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use super::auth_checks::{AuthChecks, Inbound, Verdict};
 use super::data::{DataDecoder, DataStatus};
 use super::dnsbl::Dnsbl;
+use super::rates::RateLimits;
 use super::receive::{DirSyncer, MessageWriter};
 use super::reply::Reply;
 use super::session::{Action, DataOutcome, Port, Session, SessionLimits};
@@ -36,6 +37,9 @@ pub struct Settings {
     pub checks: Arc<AuthChecks>,
     /// DNS block and allow lists asked at connect.
     pub dnsbl: Arc<Dnsbl>,
+    /// Messages and recipients per client and user (counts start afresh
+    /// at a reload).
+    pub rates: Arc<RateLimits>,
     /// DKIM keys for mail our users and networks send.
     pub signers: Arc<Signers>,
 }
@@ -52,12 +56,14 @@ impl Settings {
             config.checks.dnsbl_threshold,
         ));
         let signers = Arc::new(Signers::load(&config.paths.dkim_keys));
+        let rates = Arc::new(RateLimits::new(&config));
         Ok(Settings {
             config,
             limits,
             tls,
             checks,
             dnsbl,
+            rates,
             signers,
         })
     }
@@ -170,6 +176,7 @@ impl Server {
         tracing::debug!("connect from [{ip}]");
         let deadline = Instant::now() + Duration::from_secs(settings.config.smtpd.session_timeout);
         let mut session = Session::new(settings.limits.clone(), port, ip, None);
+        session.set_rates(settings.rates.clone());
         if port == Port::Mx && session.from_outside() {
             if let Some(listed) = settings.dnsbl.check(ip).await {
                 tracing::info!(

@@ -3,6 +3,7 @@
 //! what to read next.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use base64::Engine;
 use common::address::Address;
@@ -13,6 +14,7 @@ use common::spool::{EsmtpParams, Notify, Recipient};
 use common::tls::TlsSummary;
 use smtp_proto::{Error as ParseError, Request};
 
+use super::rates::{Kind, RateLimits};
 use super::reply::Reply;
 
 /// The settings a session needs.
@@ -152,6 +154,8 @@ pub struct Session {
     /// Why the client is refused (a DNS block list): the greeting says so
     /// and every command but QUIT gets 503 (RFC 5321 3.1).
     refused: Option<String>,
+    /// Rate limits shared by all sessions.
+    rates: Option<Arc<RateLimits>>,
 }
 
 impl Session {
@@ -179,7 +183,27 @@ impl Session {
             sasl: None,
             auth_user: None,
             refused: None,
+            rates: None,
         }
+    }
+
+    /// Count this session's messages and recipients in `rates`.
+    pub fn set_rates(&mut self, rates: Arc<RateLimits>) {
+        self.rates = Some(rates);
+    }
+
+    /// Count one `kind` against the rate limits: an outside client's
+    /// address, or the authenticated user (who may share an address with
+    /// many others behind a NAT).
+    fn take_rate(&self, kind: Kind) -> Result<(), Action> {
+        let Some(rates) = &self.rates else {
+            return Ok(());
+        };
+        let client = self.from_outside().then_some(self.client_ip);
+        let user = self.auth_user.as_ref().map(|u| u.to_string());
+        rates
+            .take(client, user.as_deref(), kind)
+            .map_err(|why| reply(450, "4.7.1", why))
     }
 
     /// Refuse the client for `why`: a 554 greeting, then nothing but QUIT.
@@ -617,6 +641,9 @@ impl Session {
         } else {
             None
         };
+        if let Err(refusal) = self.take_rate(Kind::Message) {
+            return refusal;
+        }
         self.tx = Some(Transaction {
             sender: from.address,
             params: EsmtpParams {
@@ -683,6 +710,10 @@ impl Session {
             .iter()
             .any(|r| r.address == address.to_string())
         {
+            if let Err(refusal) = self.take_rate(Kind::Recipient) {
+                return refusal;
+            }
+            let tx = self.tx.as_mut().expect("checked above");
             let mut recipient = Recipient::new(address.to_string(), to.orcpt);
             recipient.notify = notify(to.flags);
             tx.recipients.push(recipient);
