@@ -335,3 +335,16 @@ def test_rate_limits_answer_450_per_client_and_per_user(make_mailsrv):
         assert s.rcpt(ALICE)[0] == 250 and s.rcpt(BOB)[0] == 250
         code, text = s.rcpt("alice+more@example.test")
         assert code == 450 and text.startswith(b"4.7.1 Too many recipients from this user"), text
+
+
+def test_a_second_from_domain_cannot_carry_mail_past_dmarc(mailsrv, dns):
+    srv = mailsrv
+    srv.add_user(ALICE)
+    bank = sender_domain(dns, spf="v=spf1 -all", dmarc="v=DMARC1; p=reject")
+    evil = sender_domain(dns, spf="v=spf1 ip4:127.0.0.1 -all", dmarc=None)
+    message = make_message("two authors", sender=f"ceo@{bank}", to=ALICE).replace(
+        f"From: <ceo@{bank}>".encode(), f"From: <ceo@{bank}>, <x@{evil}>".encode())
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        send_from(srv, f"x@{evil}", message)
+    assert refused.value.smtp_code == 550
+    assert b"From names several domains" in refused.value.smtp_error

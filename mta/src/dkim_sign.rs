@@ -148,8 +148,10 @@ impl Signers {
         let Some(signers) = self.by_domain.get(&domain.to_ascii_lowercase()) else {
             return String::new();
         };
-        if !may_sign(from) {
-            tracing::info!("not signing for <{from}>: not an address of the sender");
+        // Every From address, not just the first: a second one must not
+        // ride on a signature the sender may have (RFC 6376 8.15).
+        if let Some(other) = parsed.froms().iter().find(|f| !may_sign(f)) {
+            tracing::info!("not signing for <{other}>: not an address of the sender");
             return String::new();
         }
         let mut out = String::new();

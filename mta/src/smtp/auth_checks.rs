@@ -20,6 +20,9 @@ use tokio::sync::Semaphore;
 
 use super::reply::Reply;
 
+/// Longest the checks of one message may take.
+const CHECK_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The checks, set up once per smtpd.
 pub struct AuthChecks {
     authenticator: MessageAuthenticator,
@@ -80,8 +83,24 @@ impl AuthChecks {
         self.slots.acquire().await.expect("never closed")
     }
 
-    /// Run the enabled checks.
+    /// Run the enabled checks, within CHECK_TIME_LIMIT: DNS that does not
+    /// answer (one lookup per DKIM signature, SPF includes) must not hold
+    /// the session or a check slot; past the limit the message is
+    /// accepted with `temperror` results.
     pub async fn check(&self, input: &Inbound<'_>) -> Verdict {
+        match tokio::time::timeout(CHECK_TIME_LIMIT, self.run_checks(input)).await {
+            Ok(verdict) => verdict,
+            Err(_) => Verdict::Accept {
+                header: format!(
+                    "Authentication-Results: {};\r\n\tspf=temperror;\r\n\tdkim=temperror;\r\n\tdmarc=temperror (checks timed out)\r\n",
+                    self.authserv_id
+                ),
+                junk: false,
+            },
+        }
+    }
+
+    async fn run_checks(&self, input: &Inbound<'_>) -> Verdict {
         let c = &self.config;
         let auth = &self.authenticator;
         let Some(message) = AuthenticatedMessage::parse(input.message) else {
@@ -127,6 +146,20 @@ impl AuthChecks {
         let mut action = CheckAction::Tag;
         // The enhanced code and text of a refusal.
         let mut reason = ("5.7.1", String::new());
+        let from_domains: std::collections::BTreeSet<&str> = message
+            .froms()
+            .iter()
+            .filter_map(|f| f.rsplit_once('@').map(|(_, d)| d))
+            .collect();
+        if c.dmarc && from_domains.len() > 1 {
+            // mail-auth skips DMARC then; a second From domain must not
+            // carry mail past a p=reject domain (RFC 7489 6.6.1).
+            action = c.dmarc_reject;
+            reason = (
+                "5.7.1",
+                "From names several domains: DMARC cannot be checked".to_string(),
+            );
+        }
         if let Some(spf) = &spf_mail {
             if spf.result() == SpfResult::Fail {
                 action = c.spf_fail;

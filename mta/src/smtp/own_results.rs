@@ -25,6 +25,8 @@ pub struct OwnResultsFilter {
     held: Vec<u8>,
     /// `held` is an Authentication-Results field (its name matched).
     is_results: bool,
+    /// Bytes of FIELD matched so far in the current field.
+    matched: usize,
     /// The current field is being held back.
     holding: bool,
     /// The current field is being dropped (too long to hold).
@@ -41,6 +43,7 @@ impl OwnResultsFilter {
             blank_cr: false,
             held: Vec::new(),
             is_results: false,
+            matched: 0,
             holding: false,
             dropping: false,
             removed: 0,
@@ -86,6 +89,7 @@ impl OwnResultsFilter {
                         _ => {
                             self.holding = true;
                             self.is_results = false;
+                            self.matched = 0;
                         }
                     }
                 }
@@ -102,14 +106,19 @@ impl OwnResultsFilter {
             }
             self.held.push(b);
             if !self.is_results {
-                let n = self.held.len();
-                if !self.held[n - 1].eq_ignore_ascii_case(&FIELD[n - 1]) {
+                if self.matched == FIELD.len() - 1 && (b == b' ' || b == b'\t') {
+                    // RFC 5322 4.5.3: white space before the colon
+                    // (obsolete syntax) still names the field.
+                    continue;
+                }
+                if !b.eq_ignore_ascii_case(&FIELD[self.matched]) {
                     // Another field: let it through as it comes.
                     out.append(&mut self.held);
                     self.holding = false;
                     continue;
                 }
-                self.is_results = n == FIELD.len();
+                self.matched += 1;
+                self.is_results = self.matched == FIELD.len();
             }
             if self.held.len() > MAX_FIELD {
                 self.held.clear();
@@ -131,7 +140,8 @@ impl OwnResultsFilter {
             return;
         }
         self.holding = false;
-        if self.is_results && claims(&self.held[FIELD.len()..], &self.authserv_id) {
+        let value = memchr::memchr(b':', &self.held).map_or(&[][..], |i| &self.held[i + 1..]);
+        if self.is_results && claims(value, &self.authserv_id) {
             self.removed += 1;
             self.held.clear();
         } else {
@@ -184,6 +194,7 @@ mod tests {
         let input: &[u8] = b"Received: x\r\n\
             Authentication-Results: mx.b.test; dkim=pass\r\n\
             authentication-results:(forged)\r\n mx.b.test;\r\n\tspf=pass\r\n\
+            Authentication-Results \t: mx.b.test; obsolete=spacing\r\n\
             Authentication-Results: other.test; dkim=fail\r\n\
             Authentication-Results: mx.b.test.evil; none\r\n\
             Subject: s\r\n\
@@ -202,7 +213,7 @@ mod tests {
                 String::from_utf8_lossy(expected),
                 "split at {split}"
             );
-            assert_eq!(removed, 2, "split at {split}");
+            assert_eq!(removed, 3, "split at {split}");
         }
     }
 
