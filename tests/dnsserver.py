@@ -64,7 +64,30 @@ class Query:
     rcode: str    # "NOERROR", "NXDOMAIN", "SERVFAIL"
 
 
-class DNSServer:
+class RecordAdders:
+    """The typed ways to add a record, over the class's own `add`."""
+
+    def add(self, name: str, rtype: str, value: object) -> None:
+        raise NotImplementedError
+
+    def add_a(self, name: str, address: str) -> None:
+        self.add(name, "A", address)
+
+    def add_aaaa(self, name: str, address: str) -> None:
+        self.add(name, "AAAA", address)
+
+    def add_mx(self, name: str, preference: int, exchange: str) -> None:
+        self.add(name, "MX", (preference, exchange))
+
+    def add_null_mx(self, name: str) -> None:
+        """`name. MX 0 .`: the domain accepts no mail (RFC 7505)."""
+        self.add(name, "MX", (0, "."))
+
+    def add_txt(self, name: str, text: str | bytes) -> None:
+        self.add(name, "TXT", text)
+
+
+class DNSServer(RecordAdders):
     """The server and its zone. Thread-safe: tests change the zone while
     the server's threads answer."""
 
@@ -140,22 +163,6 @@ class DNSServer:
         _rdata(rtype, value)   # fail here, not in the server thread
         with self._lock:
             self._records.setdefault(norm(name), []).append((rtype, value))
-
-    def add_a(self, name: str, address: str) -> None:
-        self.add(name, "A", address)
-
-    def add_aaaa(self, name: str, address: str) -> None:
-        self.add(name, "AAAA", address)
-
-    def add_mx(self, name: str, preference: int, exchange: str) -> None:
-        self.add(name, "MX", (preference, exchange))
-
-    def add_null_mx(self, name: str) -> None:
-        """`name. MX 0 .`: the domain accepts no mail (RFC 7505)."""
-        self.add(name, "MX", (0, "."))
-
-    def add_txt(self, name: str, text: str | bytes) -> None:
-        self.add(name, "TXT", text)
 
     def remove(self, name: str, rtype: str | None = None, value: object = None) -> None:
         """Remove the records of `name`: all, all of one type, or one."""
@@ -242,7 +249,7 @@ class DNSServer:
         return reply
 
 
-class DNSRecords:
+class DNSRecords(RecordAdders):
     """A test's view of the shared server: what it adds through this handle
     is removed when the test ends (`clear()`), so tests leave no records
     behind for the next one. `unique("b")` gives a fresh domain name
@@ -266,21 +273,6 @@ class DNSRecords:
     def add(self, name: str, rtype: str, value: object) -> None:
         self._track(name)
         self.server.add(name, rtype, value)
-
-    def add_a(self, name: str, address: str) -> None:
-        self.add(name, "A", address)
-
-    def add_aaaa(self, name: str, address: str) -> None:
-        self.add(name, "AAAA", address)
-
-    def add_mx(self, name: str, preference: int, exchange: str) -> None:
-        self.add(name, "MX", (preference, exchange))
-
-    def add_null_mx(self, name: str) -> None:
-        self.add(name, "MX", (0, "."))
-
-    def add_txt(self, name: str, text: str | bytes) -> None:
-        self.add(name, "TXT", text)
 
     def mail_domain(self, domain: str, host: str | None = None,
                     address: str = LOCALHOST, preference: int = 10) -> str:
