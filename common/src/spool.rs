@@ -292,6 +292,11 @@ impl Spool {
         self.root.join(state.dir_name())
     }
 
+    /// smtpd's greylisting table (a file of its own, no queue state).
+    pub fn greylist_path(&self) -> PathBuf {
+        self.root.join("greylist")
+    }
+
     /// The data directory.
     pub fn data_dir(&self) -> PathBuf {
         self.root.join("data")

@@ -56,6 +56,136 @@ pub struct ChecksConfig {
     /// The summed weight at which a client is refused (554 5.7.1).
     #[serde(default = "one")]
     pub dnsbl_threshold: i32,
+    /// Greylisting of outside clients at RCPT; on when the table is there.
+    #[serde(default)]
+    pub greylist: Option<GreylistConfig>,
+    /// ClamAV's clamd, asked about every message smtpd receives; on when
+    /// the table is there.
+    #[serde(default)]
+    pub clamd: Option<ClamdConfig>,
+    /// SpamAssassin's spamd, asked about mail from outside clients; on
+    /// when the table is there.
+    #[serde(default)]
+    pub spamd: Option<SpamdConfig>,
+}
+
+/// `[checks.greylist]`: a client's first attempt to send from a sender to
+/// a recipient is deferred; a retry after `delay` passes, and the triplet
+/// is then remembered for `max_age` (RFC 6647).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GreylistConfig {
+    /// Seconds a client must wait before its retry is accepted.
+    #[serde(default = "greylist_delay")]
+    pub delay: u64,
+    /// Seconds after the first attempt within which a retry counts; a
+    /// later one starts over.
+    #[serde(default = "greylist_retry_window")]
+    pub retry_window: u64,
+    /// Seconds a triplet that passed stays known after its last use.
+    #[serde(default = "greylist_max_age")]
+    pub max_age: u64,
+    /// Triplets kept at most; past this the least recently seen go.
+    #[serde(default = "greylist_max_entries")]
+    pub max_entries: usize,
+}
+
+impl Default for GreylistConfig {
+    fn default() -> Self {
+        Self {
+            delay: greylist_delay(),
+            retry_window: greylist_retry_window(),
+            max_age: greylist_max_age(),
+            max_entries: greylist_max_entries(),
+        }
+    }
+}
+
+/// What to do when a scanner is down, too slow or answers an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScanFailure {
+    /// Answer 451 so the client tries again later.
+    Tempfail,
+    /// Accept, with an `X-Not-Scanned:` header saying why.
+    Accept,
+}
+
+/// Where a scanner listens: a Unix socket path or `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScannerAddress {
+    Unix(std::path::PathBuf),
+    Tcp(String),
+}
+
+impl FromStr for ScannerAddress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.starts_with('/') {
+            return Ok(ScannerAddress::Unix(s.into()));
+        }
+        match s.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(ScannerAddress::Tcp(s.to_string()))
+            }
+            _ => Err(format!(
+                "`{s}`: expected a socket path like /run/clamav/clamd.ctl or host:port like 127.0.0.1:3310"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for ScannerAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ScannerAddress::Unix(p) => write!(f, "{}", p.display()),
+            ScannerAddress::Tcp(a) => f.write_str(a),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ScannerAddress {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(D::Error::custom)
+    }
+}
+
+/// `[checks.clamd]`: virus scanning through clamd's INSTREAM command.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClamdConfig {
+    pub address: ScannerAddress,
+    /// Seconds the whole scan may take.
+    #[serde(default = "scan_timeout")]
+    pub timeout: u64,
+    /// Larger messages are not scanned (clamd's StreamMaxLength).
+    #[serde(default = "clamd_max_size")]
+    pub max_size: u64,
+    #[serde(default = "tempfail")]
+    pub on_failure: ScanFailure,
+}
+
+/// `[checks.spamd]`: spam scoring through spamd's SPAMC protocol.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpamdConfig {
+    pub address: ScannerAddress,
+    /// Seconds the whole scan may take.
+    #[serde(default = "scan_timeout")]
+    pub timeout: u64,
+    /// Larger messages are not scanned (spamc's default limit).
+    #[serde(default = "spamd_max_size")]
+    pub max_size: u64,
+    /// A message spamd calls spam (its score reached spamd's
+    /// required_score).
+    #[serde(default = "junk")]
+    pub action: CheckAction,
+    /// A score at which the message is refused whatever `action` says.
+    #[serde(default)]
+    pub reject_score: Option<f64>,
+    #[serde(default = "accept")]
+    pub on_failure: ScanFailure,
 }
 
 /// One DNS list and what its answers are worth.
@@ -138,10 +268,40 @@ impl Default for ChecksConfig {
             dmarc_quarantine: CheckAction::Junk,
             dnsbl: Vec::new(),
             dnsbl_threshold: 1,
+            greylist: None,
+            clamd: None,
+            spamd: None,
         }
     }
 }
 
+fn greylist_delay() -> u64 {
+    300
+}
+fn greylist_retry_window() -> u64 {
+    2 * 86_400
+}
+fn greylist_max_age() -> u64 {
+    35 * 86_400
+}
+fn greylist_max_entries() -> usize {
+    200_000
+}
+fn scan_timeout() -> u64 {
+    60
+}
+fn clamd_max_size() -> u64 {
+    25 * 1024 * 1024
+}
+fn spamd_max_size() -> u64 {
+    500 * 1024
+}
+fn tempfail() -> ScanFailure {
+    ScanFailure::Tempfail
+}
+fn accept() -> ScanFailure {
+    ScanFailure::Accept
+}
 fn one() -> i32 {
     1
 }
@@ -181,5 +341,24 @@ mod tests {
         assert!("bl.test*x".parse::<DnsList>().is_err());
         assert!("nodot".parse::<DnsList>().is_err());
         assert!("bl.test=1.2.3".parse::<DnsList>().is_err());
+    }
+
+    #[test]
+    fn scanner_addresses() {
+        assert_eq!(
+            "/run/clamav/clamd.ctl".parse(),
+            Ok(ScannerAddress::Unix("/run/clamav/clamd.ctl".into()))
+        );
+        assert_eq!(
+            "127.0.0.1:783".parse(),
+            Ok(ScannerAddress::Tcp("127.0.0.1:783".into()))
+        );
+        assert_eq!(
+            "[::1]:3310".parse(),
+            Ok(ScannerAddress::Tcp("[::1]:3310".into()))
+        );
+        assert!("localhost".parse::<ScannerAddress>().is_err());
+        assert!("relative/clamd.sock".parse::<ScannerAddress>().is_err());
+        assert!(":783".parse::<ScannerAddress>().is_err());
     }
 }

@@ -14,7 +14,10 @@ use serde::{Deserialize, Deserializer};
 mod checks;
 mod delivery;
 
-pub use checks::{CheckAction, ChecksConfig, DnsList};
+pub use checks::{
+    CheckAction, ChecksConfig, ClamdConfig, DnsList, GreylistConfig, ScanFailure, ScannerAddress,
+    SpamdConfig,
+};
 pub use delivery::{DeliveryConfig, DnsConfig, DomainPolicy, RelayConfig, TlsPolicy};
 
 /// Default location of the configuration file.
@@ -726,6 +729,40 @@ impl Config {
                 access.auth_failure_window,
             ),
         ]);
+        let checks = &self.checks;
+        let greylist = checks.greylist.iter().flat_map(|g| {
+            [
+                ("checks.greylist.retry_window", g.retry_window),
+                ("checks.greylist.max_age", g.max_age),
+                ("checks.greylist.max_entries", g.max_entries as u64),
+            ]
+        });
+        let clamd = checks.clamd.iter().flat_map(|c| {
+            [
+                ("checks.clamd.timeout", c.timeout),
+                ("checks.clamd.max_size", c.max_size),
+            ]
+        });
+        let spamd = checks.spamd.iter().flat_map(|c| {
+            [
+                ("checks.spamd.timeout", c.timeout),
+                ("checks.spamd.max_size", c.max_size),
+            ]
+        });
+        let at_least_one = at_least_one.chain(greylist).chain(clamd).chain(spamd);
+        if let Some(g) = &checks.greylist {
+            if g.retry_window <= g.delay {
+                return fail(
+                    "checks.greylist.retry_window",
+                    "must be longer than checks.greylist.delay",
+                );
+            }
+        }
+        if let Some(score) = checks.spamd.as_ref().and_then(|s| s.reject_score) {
+            if !score.is_finite() {
+                return fail("checks.spamd.reject_score", "must be a number");
+            }
+        }
         if access.idle_timeout < 600 {
             return fail(
                 "maildird.limits.idle_timeout",

@@ -46,6 +46,14 @@ async fn run(prepared: Prepared<Port>) -> anyhow::Result<()> {
         tokio::spawn(server.clone().serve(l, port));
     }
     tracing::info!("listening on {listen:?}");
+    let saver = server.clone();
+    tokio::spawn(async move {
+        let mut every_minute = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            every_minute.tick().await;
+            saver.save_greylist().await;
+        }
+    });
     while signals.next().await == SignalEvent::Reload {
         let loaded = match daemon::load_config(&config_path) {
             Ok(c) => reload_acceptor(handoff.as_mut(), &c.tls)
@@ -75,6 +83,7 @@ async fn run(prepared: Prepared<Port>) -> anyhow::Result<()> {
     while server.active_sessions() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    server.save_greylist().await;
     Ok(())
 }
 

@@ -4,10 +4,12 @@
 pub mod auth_checks;
 pub mod data;
 pub mod dnsbl;
+pub mod greylist;
 pub mod hops;
 pub mod own_results;
 pub mod rates;
 pub mod receive;
 pub mod reply;
+pub mod scan;
 pub mod server;
 pub mod session;

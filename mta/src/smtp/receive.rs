@@ -121,15 +121,25 @@ impl MessageWriter {
         }
     }
 
-    /// The whole message as stored so far (for the checks that need it
-    /// all); None if it is too big or could not be written.
-    pub async fn contents(&mut self) -> Option<Vec<u8>> {
+    /// The file holding the whole message ([`MessageWriter::size`] bytes),
+    /// for checks that stream it; None if it is too big or could not be
+    /// written.
+    pub async fn stored(&mut self) -> Option<std::path::PathBuf> {
         self.end_of_message().await;
         if self.too_big() || self.error.is_some() {
             return None;
         }
         self.flush(false).await;
-        let path = self.spool.data_path(&self.id);
+        if self.error.is_some() {
+            return None;
+        }
+        Some(self.spool.data_path(&self.id))
+    }
+
+    /// The whole message as stored so far (for the checks that need it
+    /// all); None if it is too big or could not be written.
+    pub async fn contents(&mut self) -> Option<Vec<u8>> {
+        let path = self.stored().await?;
         let read = tokio::task::spawn_blocking(move || std::fs::read(path)).await;
         match read {
             Ok(Ok(bytes)) => Some(bytes),

@@ -21,9 +21,11 @@ use tokio_rustls::TlsAcceptor;
 use super::auth_checks::{AuthChecks, Inbound, Verdict};
 use super::data::{DataDecoder, DataStatus};
 use super::dnsbl::Dnsbl;
+use super::greylist::Greylist;
 use super::rates::RateLimits;
 use super::receive::{DirSyncer, MessageWriter};
 use super::reply::Reply;
+use super::scan::{ScanOutcome, Scanners};
 use super::session::{Action, DataOutcome, Port, Session, SessionLimits};
 use crate::dkim_sign::Signers;
 
@@ -42,6 +44,8 @@ pub struct Settings {
     pub rates: Arc<RateLimits>,
     /// DKIM keys for mail our users and networks send.
     pub signers: Arc<Signers>,
+    /// Virus and spam scanners.
+    pub scanners: Arc<Scanners>,
 }
 
 impl Settings {
@@ -57,6 +61,7 @@ impl Settings {
         ));
         let signers = Arc::new(Signers::load(&config.paths.dkim_keys));
         let rates = Arc::new(RateLimits::new(&config));
+        let scanners = Arc::new(Scanners::new(&config.checks));
         Ok(Settings {
             config,
             limits,
@@ -65,6 +70,7 @@ impl Settings {
             dnsbl,
             rates,
             signers,
+            scanners,
         })
     }
 }
@@ -84,6 +90,8 @@ pub struct Server {
     syncer: DirSyncer,
     connections: ConnectionLimiter,
     throttle: LoginThrottle,
+    /// Kept across reloads: the triplets seen must outlive a SIGHUP.
+    greylist: Arc<Greylist>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -103,8 +111,10 @@ impl Server {
             s.max_account_auth_failures,
             Duration::from_secs(s.auth_failure_window),
         );
+        let greylist = Arc::new(Greylist::load(&spool.greylist_path()));
         Ok(Arc::new(Server {
             settings: RwLock::new(Arc::new(Settings::new(config, tls)?)),
+            greylist,
             syncer: DirSyncer::spawn(spool.clone()),
             spool,
             directory,
@@ -121,6 +131,20 @@ impl Server {
         let mut s = self.settings.write().unwrap_or_else(|p| p.into_inner());
         *s = Arc::new(new);
         Ok(())
+    }
+
+    /// Write the greylisting table out if it changed (every minute and at
+    /// stop).
+    pub async fn save_greylist(&self) {
+        let Some(config) = self.settings().config.checks.greylist.clone() else {
+            return;
+        };
+        let greylist = self.greylist.clone();
+        let now = common::spool::unix_now();
+        let saved = tokio::task::spawn_blocking(move || greylist.save(&config, now)).await;
+        if let Ok(Err(e)) = saved {
+            tracing::error!("greylist: cannot save the table: {e}");
+        }
     }
 
     /// Sessions now open.
@@ -177,6 +201,9 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(settings.config.smtpd.session_timeout);
         let mut session = Session::new(settings.limits.clone(), port, ip, None);
         session.set_rates(settings.rates.clone());
+        if let Some(config) = &settings.config.checks.greylist {
+            session.set_greylist(self.greylist.clone(), config.clone());
+        }
         if port == Port::Mx && session.from_outside() {
             if let Some(listed) = settings.dnsbl.check(ip).await {
                 tracing::info!(
@@ -584,28 +611,30 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
     async fn finish_message(&mut self, mut writer: MessageWriter) -> Reply {
         let id = writer.id().to_string();
         let mut envelope = self.envelope(&id, writer.size());
-        if self.session.from_outside() {
+        let from_outside = self.session.from_outside();
+        if from_outside {
             match self.check_sender(&mut writer, &envelope).await {
                 Some(Verdict::Accept { header, junk }) => {
                     envelope.added_headers = header;
                     envelope.junk = junk;
                 }
-                Some(Verdict::Reject(reply)) => {
-                    tracing::info!(
-                        "{id}: rejected from=<{}>, client=[{}]: {} {} {}",
-                        envelope.sender,
-                        envelope.client.address,
-                        reply.code,
-                        reply.enhanced,
-                        reply.lines.join(" ")
-                    );
-                    writer.discard();
-                    self.session.abort();
-                    return reply;
-                }
+                Some(Verdict::Reject(reply)) => return self.refuse(writer, &envelope, reply),
                 None => {}
             }
-        } else if !self.settings.signers.is_empty() {
+        }
+        let scanners = self.settings.scanners.clone();
+        if !scanners.is_empty() {
+            if let Some(path) = writer.stored().await {
+                match scanners.scan(&id, &path, writer.size(), from_outside).await {
+                    ScanOutcome::Accept { headers, junk } => {
+                        envelope.added_headers.push_str(&headers);
+                        envelope.junk |= junk;
+                    }
+                    ScanOutcome::Refuse(reply) => return self.refuse(writer, &envelope, reply),
+                }
+            }
+        }
+        if !from_outside && !self.settings.signers.is_empty() {
             // Our users' and networks' mail: signed once, before queueing.
             let _slot = self.settings.checks.slot().await;
             if let Some(message) = writer.contents().await {
@@ -613,10 +642,11 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
                 // send as, as for MAIL FROM; relay networks are trusted.
                 let directory = self.server.directory.current().0;
                 let user = self.session.auth_user().cloned();
-                envelope.added_headers = self.settings.signers.sign(&message, |from| {
+                let signatures = self.settings.signers.sign(&message, |from| {
                     let Some(user) = &user else { return true };
                     Address::parse(from).is_ok_and(|f| directory.may_send_as(user, &f))
                 });
+                envelope.added_headers.insert_str(0, &signatures);
             }
         }
         let size = writer.size();
@@ -638,6 +668,23 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
             other => tracing::info!("{id}: rejected from=<{}>: {other:?}", envelope.sender),
         }
         self.session.finish(outcome)
+    }
+
+    /// Refuse the message with `reply` at the end of its data: nothing of
+    /// it stays in the spool.
+    fn refuse(&mut self, writer: MessageWriter, envelope: &Envelope, reply: Reply) -> Reply {
+        tracing::info!(
+            "{}: rejected from=<{}>, client=[{}]: {} {} {}",
+            envelope.id,
+            envelope.sender,
+            envelope.client.address,
+            reply.code,
+            reply.enhanced,
+            reply.lines.join(" ")
+        );
+        writer.discard();
+        self.session.abort();
+        reply
     }
 
     /// SPF, DKIM, ARC and DMARC of a message from the internet; None when

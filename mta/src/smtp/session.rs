@@ -7,13 +7,14 @@ use std::sync::Arc;
 
 use base64::Engine;
 use common::address::Address;
-use common::config::IpNet;
+use common::config::{GreylistConfig, IpNet};
 use common::login::LoginError;
 use common::recipients::{Directory, ResolveError};
 use common::spool::{EsmtpParams, Notify, Recipient};
 use common::tls::TlsSummary;
 use smtp_proto::{Error as ParseError, Request};
 
+use super::greylist::{Decision, Greylist};
 use super::rates::{Kind, RateLimits};
 use super::reply::Reply;
 
@@ -156,6 +157,8 @@ pub struct Session {
     refused: Option<String>,
     /// Rate limits shared by all sessions.
     rates: Option<Arc<RateLimits>>,
+    /// Greylisting of outside clients, when on.
+    greylist: Option<(Arc<Greylist>, GreylistConfig)>,
 }
 
 impl Session {
@@ -184,12 +187,37 @@ impl Session {
             auth_user: None,
             refused: None,
             rates: None,
+            greylist: None,
         }
     }
 
     /// Count this session's messages and recipients in `rates`.
     pub fn set_rates(&mut self, rates: Arc<RateLimits>) {
         self.rates = Some(rates);
+    }
+
+    /// Greylist outside clients' recipients with `greylist` as `config` says.
+    pub fn set_greylist(&mut self, greylist: Arc<Greylist>, config: GreylistConfig) {
+        self.greylist = Some((greylist, config));
+    }
+
+    /// The greylisting answer for `recipient`, when it is deferred.
+    /// Authenticated users and relay networks are never greylisted.
+    fn greylisted(&self, sender: &str, recipient: &Address) -> Option<Action> {
+        let (greylist, config) = self.greylist.as_ref()?;
+        if !self.from_outside() {
+            return None;
+        }
+        let now = common::spool::unix_now();
+        match greylist.check(config, self.client_ip, sender, &recipient.to_string(), now) {
+            Decision::Pass => None,
+            // RFC 6647 2.1: a temporary failure the sending MTA retries.
+            Decision::Defer(wait) => Some(reply(
+                450,
+                "4.7.1",
+                format!("<{recipient}>: Greylisted, try again in {wait} seconds"),
+            )),
+        }
     }
 
     /// Count one `kind` against the rate limits: an outside client's
@@ -710,6 +738,10 @@ impl Session {
             .iter()
             .any(|r| r.address == address.to_string())
         {
+            let sender = tx.sender.clone();
+            if let Some(deferred) = self.greylisted(&sender, &address) {
+                return deferred;
+            }
             if let Err(refusal) = self.take_rate(Kind::Recipient) {
                 return refusal;
             }
