@@ -131,6 +131,29 @@ def test_quarantine_policy_files_the_message_in_junk(mailsrv, dns):
     wait_until(lambda: "as junk" in srv.log(), 10, "the junk delivery logged")
 
 
+def test_pct_zero_applies_the_milder_policy(mailsrv, dns):
+    """RFC 7489 6.6.4: p=reject with pct=0 quarantines every failing
+    message instead, and p=quarantine with pct=0 delivers to the inbox."""
+    srv = mailsrv
+    srv.add_user(ALICE)
+    domain = sender_domain(dns, spf="v=spf1 -all", dmarc="v=DMARC1; p=reject; pct=0")
+    sender = f"billing@{domain}"
+    send_from(srv, sender, make_message("sampled out", sender=sender, to=ALICE))
+    junk = srv.maildir(ALICE) / ".Junk" / "new"
+    [path] = wait_until(lambda: list(junk.iterdir()) or None, 20, "a message in Junk")
+    assert "dmarc=fail" in our_results(srv, path.read_bytes())
+    # A parent's record applies to a subdomain without one.
+    parent = sender_domain(dns, spf=None, dmarc="v=DMARC1; p=quarantine; pct=0")
+    sub = f"mail.{parent}"
+    dns.add_txt(sub, "v=spf1 -all")
+    sender = f"news@{sub}"
+    second = make_message("milder still", sender=sender, to=ALICE)
+    send_from(srv, sender, second)
+    [inbox] = srv.wait_for_messages(ALICE, 1)
+    assert "dmarc=fail" in our_results(srv, inbox.read_bytes())
+    assert "pct=0" in srv.log()
+
+
 def test_forged_results_claiming_our_name_are_removed(mailsrv, dns):
     srv = mailsrv
     srv.add_user(ALICE)

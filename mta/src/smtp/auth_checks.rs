@@ -184,7 +184,8 @@ impl AuthChecks {
                 .await;
             results = results.with_dmarc_result(&dmarc);
             if matches!(dmarc.result(), DmarcResult::Fail(_)) {
-                let by_policy = match dmarc.policy() {
+                let policy = self.sampled_policy(dmarc.domain(), dmarc.policy()).await;
+                let by_policy = match policy {
                     Policy::Reject => c.dmarc_reject,
                     Policy::Quarantine => c.dmarc_quarantine,
                     Policy::None | Policy::Unspecified => CheckAction::Tag,
@@ -196,7 +197,7 @@ impl AuthChecks {
                         format!(
                             "DMARC check of {} failed (neither SPF nor DKIM aligned), and its policy says {}",
                             dmarc.domain(),
-                            if dmarc.policy() == Policy::Reject { "reject" } else { "quarantine" }
+                            if policy == Policy::Reject { "reject" } else { "quarantine" }
                         ),
                     );
                 }
@@ -212,6 +213,70 @@ impl AuthChecks {
             },
         }
     }
+}
+
+impl AuthChecks {
+    /// RFC 7489 6.6.4: a record with `pct=N` wants its policy applied to
+    /// N% of the failing messages and the next milder one to the rest.
+    /// mail-auth follows RFC 9989, which dropped `pct`, so the record is
+    /// read again here (from the resolver's cache) for the domain or the
+    /// nearest parent that has one.
+    async fn sampled_policy(&self, from_domain: &str, policy: Policy) -> Policy {
+        if !matches!(policy, Policy::Reject | Policy::Quarantine) {
+            return policy;
+        }
+        let Some(pct) = self.dmarc_pct(from_domain).await else {
+            return policy;
+        };
+        if rand::random::<u8>() % 100 < pct {
+            return policy;
+        }
+        tracing::info!("DMARC of {from_domain}: pct={pct}, this message gets the milder policy");
+        match policy {
+            Policy::Reject => Policy::Quarantine,
+            _ => Policy::None,
+        }
+    }
+
+    /// The `pct` of the DMARC record that applies to `domain`, if below 100.
+    async fn dmarc_pct(&self, domain: &str) -> Option<u8> {
+        let resolver = &self.authenticator.0;
+        let labels: Vec<&str> = domain.trim_end_matches('.').split('.').collect();
+        for start in 0..labels.len().saturating_sub(1) {
+            let name = format!("_dmarc.{}.", labels[start..].join("."));
+            let Ok(answer) = resolver.txt_lookup(name).await else {
+                continue;
+            };
+            let record = answer.answers().iter().find_map(|r| match &r.data {
+                hickory_resolver::proto::rr::RData::TXT(txt) => {
+                    let text: String = txt
+                        .txt_data
+                        .iter()
+                        .map(|s| String::from_utf8_lossy(s))
+                        .collect();
+                    text.trim_start()
+                        .to_ascii_lowercase()
+                        .starts_with("v=dmarc1")
+                        .then_some(text)
+                }
+                _ => None,
+            });
+            if let Some(record) = record {
+                return pct_of(&record);
+            }
+        }
+        None
+    }
+}
+
+/// The `pct` tag of a DMARC record, when it is a number below 100.
+fn pct_of(record: &str) -> Option<u8> {
+    record
+        .split(';')
+        .filter_map(|tag| tag.split_once('='))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("pct"))
+        .and_then(|(_, value)| value.trim().parse::<u8>().ok())
+        .filter(|&pct| pct < 100)
 }
 
 fn severity(action: CheckAction) -> u8 {
@@ -246,4 +311,19 @@ fn body_hash_mismatch_fails<'x>(
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pct_tag() {
+        assert_eq!(pct_of("v=DMARC1; p=reject; pct=20"), Some(20));
+        assert_eq!(pct_of("v=DMARC1;p=reject;PCT = 0 ;rua=mailto:a@b"), Some(0));
+        assert_eq!(pct_of("v=DMARC1; p=reject; pct=100"), None);
+        assert_eq!(pct_of("v=DMARC1; p=reject"), None);
+        assert_eq!(pct_of("v=DMARC1; p=reject; pct=150"), None);
+        assert_eq!(pct_of("v=DMARC1; p=reject; pct=x"), None);
+    }
 }
