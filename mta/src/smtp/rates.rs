@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::config::Config;
 
-/// Keys kept at most; past this, expired ones are dropped first, then
-/// the limits start afresh (a flood of addresses must not eat memory).
+/// Keys kept at most; past this, expired ones are dropped first, then the
+/// least used (a flood of addresses must not eat memory, nor push out the
+/// counts of the clients near their limits).
 const MAX_KEYS: usize = 100_000;
 
 /// What is counted.
@@ -82,7 +83,7 @@ impl RateLimits {
         if counts.len() >= MAX_KEYS {
             counts.retain(|_, c| now.duration_since(c.start) < self.window);
             if counts.len() >= MAX_KEYS {
-                counts.clear();
+                evict_least_used(&mut counts);
             }
         }
         for (key, limits) in &keys {
@@ -125,6 +126,21 @@ impl RateLimits {
         }
         Ok(())
     }
+}
+
+/// Drop the tenth of the counters with the least use, at once, so a
+/// flood of new keys sorts the table once per many of them.
+fn evict_least_used(counts: &mut HashMap<Key, Counter>) {
+    let use_of = |c: &Counter| u64::from(c.messages) + u64::from(c.recipients);
+    let mut uses: Vec<u64> = counts.values().map(use_of).collect();
+    let cut = uses.len() / 10;
+    let (_, &mut threshold, _) = uses.select_nth_unstable(cut);
+    let mut to_drop = cut.max(1);
+    counts.retain(|_, c| {
+        let drop = to_drop > 0 && use_of(c) <= threshold;
+        to_drop -= usize::from(drop);
+        !drop
+    });
 }
 
 /// The unit an address is counted by: one IPv4 address, or an IPv6 /64
@@ -172,6 +188,22 @@ mod tests {
             assert!(r.take(None, Some("U@x.test"), Kind::Recipient).is_ok());
         }
         assert!(r.take(None, Some("u@x.test"), Kind::Recipient).is_err());
+    }
+
+    #[test]
+    fn a_full_table_keeps_the_busiest_counters() {
+        let limits = limits((1000, 1000), (0, 0));
+        let busy: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..5 {
+            limits.take(Some(busy), None, Kind::Message).unwrap();
+        }
+        for i in 0..MAX_KEYS as u32 + 10 {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            limits.take(Some(ip), None, Kind::Message).unwrap();
+        }
+        let counts = limits.counts.lock().unwrap();
+        assert!(counts.len() <= MAX_KEYS);
+        assert_eq!(counts[&Key::Client(busy)].messages, 5);
     }
 
     #[test]
