@@ -13,6 +13,10 @@ command -v offlineimap >/dev/null || missing+=(offlineimap3)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v useradd >/dev/null || missing+=(passwd)
 command -v strace >/dev/null || missing+=(strace)
+# The content scanners the tests run (tests/scanners.py); both live in
+# /usr/sbin, which a normal user's PATH lacks.
+command -v clamd >/dev/null || [ -x /usr/sbin/clamd ] || missing+=(clamav-daemon)
+command -v spamd >/dev/null || [ -x /usr/sbin/spamd ] || missing+=(spamd)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=; [ "$(id -u)" -eq 0 ] || sudo=sudo
   $sudo apt-get update -qq
@@ -34,5 +38,6 @@ if [ "$(id -u)" -eq 0 ]; then
   MAILSRV_BIN_DIR=$PWD/target/debug MAILSRV_TEST_PRIVILEGED=1 python3 -m pytest -q \
     tests/test_delivery.py tests/test_aliases.py tests/test_queue.py tests/test_queue_admin.py \
     tests/test_submission.py tests/test_sendmail.py tests/test_remote.py tests/test_mail_auth.py \
-    tests/test_imap.py tests/test_pop3.py tests/test_mbsync.py
+    tests/test_imap.py tests/test_pop3.py tests/test_mbsync.py tests/test_greylist.py \
+    tests/test_content_scan.py
 fi

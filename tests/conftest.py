@@ -13,6 +13,10 @@ One DNS server (tests/dnsserver.py) runs for the whole session on
 asks the real network: a name no test has set up gets SERVFAIL, and mail
 to it is deferred (4.4.3). A test adds records through the `dns` fixture,
 which removes them when the test ends.
+
+The content scanners (tests/scanners.py), clamd and spamd, run once per
+session too, started by the first test that asks for the `clamd` or
+`spamd` fixture and always stopped at the end.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dnsserver import DNSRecords, DNSServer  # noqa: E402
+from scanners import Clamd, Spamd, clamd_path, spamd_path  # noqa: E402
 from smtpscript import ScriptedSMTP  # noqa: E402
 from mailtest import (  # noqa: E402
     CLIENT_NAME, LOCALHOST, RawIMAP, RawPOP3, RawSMTP, bindable, greets, header,
@@ -87,11 +92,13 @@ def free_port_base() -> int:
 
 
 def toml_value(value: Any) -> str:
-    """A Python value as a TOML literal (str, int, bool or list of those)."""
+    """A Python value as a TOML literal (str, int, float, bool or list of those)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, float):
+        return repr(value)   # 15.0, 1e-05: TOML floats
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
@@ -691,6 +698,39 @@ def dns(dns_server: DNSServer):
         yield records
     finally:
         records.clear()
+
+
+@pytest.fixture(scope="session")
+def clamd():
+    """ClamAV's clamd for the whole session (tests/scanners.py), with a
+    database of one signature that finds the EICAR test string: its Unix
+    socket is `clamd.socket`, its TCP address `clamd.tcp_address`. Stopped
+    at the end of the session, whatever happened. Tests using it fail when
+    clamd is not installed (test.sh installs clamav-daemon): a skipped
+    test is not a passed one."""
+    if clamd_path() is None:
+        pytest.fail("clamd is not installed (test.sh installs clamav-daemon)")
+    daemon = Clamd().start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def spamd():
+    """SpamAssassin's spamd for the whole session (tests/scanners.py), with
+    local tests only (no DNS): its TCP address is `spamd.address`, its Unix
+    socket `spamd.socket`. Stopped at the end of the session, whatever
+    happened. Tests using it fail when spamd is not installed (test.sh
+    installs it)."""
+    if spamd_path() is None:
+        pytest.fail("spamd is not installed (test.sh installs it)")
+    daemon = Spamd().start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
 
 
 @pytest.fixture

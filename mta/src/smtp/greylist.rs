@@ -222,7 +222,7 @@ fn normalise_sender(sender: &str) -> String {
     }
     let sender = sender.to_lowercase();
     let (local, domain) = sender.rsplit_once('@').unwrap_or((&sender, ""));
-    // BATV (draft-levine-smtp-batv): prvs=tag=user, or prvs=user=tag.
+    // BATV (draft-levine-smtp-batv-01 4.1): prvs=tag=user.
     let local = match local.strip_prefix("prvs=") {
         Some(rest) => rest.split_once('=').map_or(rest, |(_, user)| user),
         None => local,

@@ -159,6 +159,9 @@ pub struct Session {
     rates: Option<Arc<RateLimits>>,
     /// Greylisting of outside clients, when on.
     greylist: Option<(Arc<Greylist>, GreylistConfig)>,
+    /// The reply being made is our policy's deferral, not the client's
+    /// error: a message to many new recipients must not end the session.
+    policy_deferral: bool,
 }
 
 impl Session {
@@ -188,6 +191,7 @@ impl Session {
             refused: None,
             rates: None,
             greylist: None,
+            policy_deferral: false,
         }
     }
 
@@ -203,7 +207,7 @@ impl Session {
 
     /// The greylisting answer for `recipient`, when it is deferred.
     /// Authenticated users and relay networks are never greylisted.
-    fn greylisted(&self, sender: &str, recipient: &Address) -> Option<Action> {
+    fn greylisted(&mut self, sender: &str, recipient: &Address) -> Option<Action> {
         let (greylist, config) = self.greylist.as_ref()?;
         if !self.from_outside() {
             return None;
@@ -212,11 +216,18 @@ impl Session {
         match greylist.check(config, self.client_ip, sender, &recipient.to_string(), now) {
             Decision::Pass => None,
             // RFC 6647 2.1: a temporary failure the sending MTA retries.
-            Decision::Defer(wait) => Some(reply(
-                450,
-                "4.7.1",
-                format!("<{recipient}>: Greylisted, try again in {wait} seconds"),
-            )),
+            Decision::Defer(wait) => {
+                tracing::info!(
+                    "greylisted client=[{}], from=<{sender}>, to=<{recipient}>",
+                    self.client_ip
+                );
+                self.policy_deferral = true;
+                Some(reply(
+                    450,
+                    "4.7.1",
+                    format!("<{recipient}>: Greylisted, try again in {wait} seconds"),
+                ))
+            }
         }
     }
 
@@ -406,6 +417,9 @@ impl Session {
     /// Counts error replies; past `max_errors` the answer becomes 421 and
     /// the session ends (as Postfix's smtpd_hard_error_limit).
     fn count_errors(&mut self, action: Action) -> Action {
+        if std::mem::take(&mut self.policy_deferral) {
+            return action;
+        }
         let is_error = match &action {
             Action::Reply(r) => r.is_error(),
             Action::ReadChunk {
