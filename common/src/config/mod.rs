@@ -750,6 +750,14 @@ impl Config {
             ]
         });
         let at_least_one = at_least_one.chain(greylist).chain(clamd).chain(spamd);
+        // RFC 7489 4.2: DMARC is decided by the SPF and DKIM results; with
+        // one of them missing a domain's good mail would fail it.
+        if checks.dmarc && !(checks.spf && checks.dkim) {
+            return fail(
+                "checks.dmarc",
+                "needs checks.spf and checks.dkim on (turn dmarc off too)",
+            );
+        }
         if let Some(g) = &checks.greylist {
             if g.retry_window <= g.delay {
                 return fail(
@@ -977,6 +985,35 @@ key = "tls/key.pem"
             "{e}"
         );
         assert!(e.contains("prefix length"), "{e}");
+    }
+
+    #[test]
+    fn check_tables_are_validated() {
+        let text = format!("{GOOD}\n[checks]\ndkim = false\n");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("checks.dmarc: needs checks.spf and checks.dkim"),
+            "{e}"
+        );
+        let text = format!("{GOOD}\n[checks]\ndkim = false\ndmarc = false\n");
+        assert!(parse(&text).is_ok());
+        let text = format!("{GOOD}\n[checks.greylist]\ndelay = 600\nretry_window = 600\n");
+        let e = parse(&text).unwrap_err().to_string();
+        let line = text.lines().count();
+        assert!(
+            e.starts_with(&format!(
+                "/etc/m.toml:{line}: checks.greylist.retry_window:"
+            )),
+            "{e}"
+        );
+        let text = format!("{GOOD}\n[checks.clamd]\naddress = \"clamd.sock\"\n");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("checks.clamd.address"), "{e}");
+        let text =
+            format!("{GOOD}\n[checks.spamd]\naddress = \"127.0.0.1:783\"\nreject_score = 12\n");
+        let spamd = parse(&text).unwrap().checks.spamd.unwrap();
+        assert_eq!(spamd.reject_score, Some(12.0));
+        assert_eq!(spamd.on_failure, ScanFailure::Accept);
     }
 
     #[test]
