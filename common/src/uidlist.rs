@@ -127,6 +127,33 @@ pub fn sync(folder: &Path) -> io::Result<UidState> {
     })
 }
 
+/// Give a folder a UID state of its own choosing (a restore): the files
+/// named by `uids` (UID, base name) must already be in the folder, and
+/// `uid_next` above every UID, as RFC 9051 2.3.1.1 requires.
+pub fn install(
+    folder: &Path,
+    uid_validity: u32,
+    uid_next: u32,
+    uids: &[(u32, String)],
+) -> io::Result<()> {
+    if uids.iter().any(|(uid, _)| *uid >= uid_next) || uid_validity == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "UIDNEXT must be above every UID and UIDVALIDITY not 0",
+        ));
+    }
+    let _lock = lock_exclusive(&folder.join(LOCK_FILE))?;
+    let stored = Stored {
+        uid_validity,
+        uid_next,
+        uids: uids
+            .iter()
+            .map(|(uid, base)| (base.clone(), *uid))
+            .collect(),
+    };
+    write_atomic(&folder.join(UIDLIST_FILE), render(&stored).as_bytes())
+}
+
 struct Stored {
     uid_validity: u32,
     uid_next: u32,
@@ -238,6 +265,24 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         create_maildir(d.path()).unwrap();
         d
+    }
+
+    #[test]
+    fn an_installed_state_is_what_sync_finds() {
+        let d = folder();
+        touch(d.path(), "cur", "1.M1.h,S=1:2,S");
+        touch(d.path(), "new", "2.M2.h,S=1");
+        let uids = [(7, "1.M1.h,S=1".to_string()), (9, "2.M2.h,S=1".to_string())];
+        assert!(install(d.path(), 42, 9, &uids).is_err());
+        install(d.path(), 42, 12, &uids).unwrap();
+        let state = sync(d.path()).unwrap();
+        assert_eq!((state.uid_validity, state.uid_next), (42, 12));
+        let got: Vec<(u32, &str)> = state
+            .entries
+            .iter()
+            .map(|e| (e.uid, e.base.as_str()))
+            .collect();
+        assert_eq!(got, [(7, "1.M1.h,S=1"), (9, "2.M2.h,S=1")]);
     }
 
     fn touch(dir: &Path, sub: &str, name: &str) {

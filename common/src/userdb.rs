@@ -81,6 +81,23 @@ impl UserDb {
         })
     }
 
+    /// Add a whole passwd-file `line`, hash and extra fields kept (a
+    /// restored or imported account), unless its user exists; returns
+    /// whether it was added.
+    pub fn add_line(path: &Path, line: &str) -> Result<bool, TableError> {
+        let entry = parse_line(line.trim()).map_err(TableError::Refused)?;
+        let address = Address::parse(&entry.name)
+            .map_err(|e| TableError::Refused(format!("{}: {e}", entry.name)))?;
+        maildir_path(Path::new(""), &address)?;
+        textdb::update(path, USERDB_MODE, |text| {
+            let db = Self::parse(text, path)?;
+            if db.get(&entry.name).is_some() {
+                return Ok((text.to_string(), false));
+            }
+            Ok((textdb::append_line(text, line.trim()), true))
+        })
+    }
+
     /// Remove `name` from the file at `path`.
     pub fn remove(path: &Path, name: &str) -> Result<(), TableError> {
         let name = name.to_lowercase();

@@ -1,5 +1,6 @@
 //! mailctl: the mailsrv admin tool. See mailctl(8).
 
+mod backup;
 mod check;
 mod control;
 mod dkim;
@@ -43,6 +44,9 @@ enum Command {
     /// DKIM signing keys
     #[command(subcommand)]
     Dkim(dkim::DkimCommand),
+    /// Back up and restore the whole installation
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
     /// Print the DNS records to publish for DOMAIN (MX, SPF, DKIM, DMARC)
     Dns { domain: String },
     /// Validate the configuration and the tables
@@ -90,9 +94,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Check = cli.command {
         return check::run(&config_path);
     }
+    // A backup is read, and restored into a new directory, on a machine
+    // with no installation.
+    if let Command::Backup(c) = cli.command {
+        if c.needs_no_config() {
+            return backup::without_config(c);
+        }
+        let config = Config::load(&config_path)?;
+        return backup::backup(&config, &config_path, c);
+    }
     let config = Config::load(&config_path)?;
     match cli.command {
-        Command::Init(_) | Command::Check => unreachable!("handled above"),
+        Command::Init(_) | Command::Check | Command::Backup(_) => unreachable!("handled above"),
         Command::User(c) => tables::user(&config, c),
         Command::Alias(c) => tables::alias(&config, c),
         Command::Domain(c) => tables::domain(&config, c),

@@ -146,6 +146,31 @@ pub fn as_store_user(
     }
 }
 
+/// [`as_store_user`] for work with a small result (well under a pipe's
+/// 64 KiB, which the child writes before the parent reads).
+pub fn as_store_user_returning<T: serde::Serialize + serde::de::DeserializeOwned>(
+    config: &Config,
+    work: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    use std::io::Read;
+    if config.privileges.is_none() || !is_root() {
+        return work();
+    }
+    let (read, write) = nix::unistd::pipe().context("pipe")?;
+    as_store_user(config, || {
+        let value = work()?;
+        let mut out = std::fs::File::from(write.try_clone()?);
+        serde_json::to_writer(&mut out, &value)?;
+        Ok(())
+    })?;
+    drop(write);
+    let mut text = String::new();
+    std::fs::File::from(read)
+        .take(1 << 20)
+        .read_to_string(&mut text)?;
+    serde_json::from_str(&text).context("the result of the work done as the mail-store user")
+}
+
 fn set(path: &Path, uid: Uid, gid: Gid, mode: u32) -> anyhow::Result<()> {
     std::os::unix::fs::chown(path, Some(uid.as_raw()), Some(gid.as_raw()))
         .with_context(|| format!("chown {}", path.display()))?;
