@@ -29,6 +29,13 @@ const TMP_MAX_AGE: Duration = Duration::from_secs(36 * 3600);
 
 static DELIVERY_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Lock file in a user's Maildir: IMAP sessions hold it shared while a
+/// command takes messages out of folders or moves them between folders
+/// (COPY, MOVE, EXPUNGE, CLOSE, DELETE, RENAME); a backup holds it
+/// exclusively while it lists the user's folders, so a message on its way
+/// from one folder to another is seen in one, or both, never neither.
+pub const FOLDERS_LOCK: &str = "mailsrv-folders.lock";
+
 /// Create a Maildir (cur, new, tmp) at `path` if missing.
 pub fn create_maildir(path: &Path) -> io::Result<()> {
     for sub in ["cur", "new", "tmp"] {

@@ -86,7 +86,15 @@ pub fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// An exclusive advisory lock held on a lock file while the guard lives.
+/// Block until a shared lock on `path` (created if missing) is ours: many
+/// holders at once, none while someone holds it exclusively.
+pub fn lock_shared(path: &Path) -> io::Result<LockGuard> {
+    let file = open_lock_file(path)?;
+    file.lock_shared()?;
+    Ok(LockGuard { _file: file })
+}
+
+/// An advisory lock held on a lock file while the guard lives.
 pub struct LockGuard {
     _file: File,
 }

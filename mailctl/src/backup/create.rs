@@ -8,7 +8,8 @@
 //! each folder's files are hard-linked into a staging directory right
 //! after its UID list is brought up to date, so a message expunged while
 //! the backup reads is still read whole, and one that arrives later waits
-//! for the next backup.
+//! for the next backup. While a user's folders are listed, no IMAP
+//! command moves messages between them ([`FOLDERS_LOCK`]).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -20,6 +21,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use common::address::Address;
 use common::config::Config;
+use common::maildir::FOLDERS_LOCK;
 use common::queue_id::is_queue_id;
 use common::spool::{QueueState, Spool};
 use common::userdb::{maildir_path, UserDb};
@@ -552,8 +554,11 @@ fn back_up_mailboxes(
         std::fs::create_dir_all(&staging.0)
             .with_context(|| format!("creating {}", staging.0.display()))?;
         let mut listed = Vec::new();
-        for (n, dir) in folders(maildir)?.into_iter().enumerate() {
-            listed.push(list_folder(maildir, dir, &staging.0, n)?);
+        {
+            let _no_moves = common::safeio::lock_exclusive(&maildir.join(FOLDERS_LOCK))?;
+            for (n, dir) in folders(maildir)?.into_iter().enumerate() {
+                listed.push(list_folder(maildir, dir, &staging.0, n)?);
+            }
         }
         let subscriptions = read_optional(&maildir.join("subscriptions"))?;
         let subscriptions = match subscriptions {

@@ -290,6 +290,16 @@ impl Session {
         // Work on the folder as it is now: another session may have renamed
         // or removed files since the last command (EXPUNGEs still wait).
         self.updates(false);
+        let _folders = match body {
+            CommandBody::Copy { .. }
+            | CommandBody::Move { .. }
+            | CommandBody::Expunge
+            | CommandBody::ExpungeUid { .. }
+            | CommandBody::Close
+            | CommandBody::Delete { .. }
+            | CommandBody::Rename { .. } => self.lock_folders(),
+            _ => None,
+        };
         let uid_or_other = !matches!(
             body,
             CommandBody::Fetch { uid: false, .. }
@@ -607,6 +617,18 @@ impl Session {
             Ok(())
         } else {
             Err(Done::bad("No mailbox selected"))
+        }
+    }
+
+    /// The user's folders lock, shared (see [`common::maildir::FOLDERS_LOCK`]).
+    fn lock_folders(&self) -> Option<common::safeio::LockGuard> {
+        let root = self.mailboxes.as_ref()?.root();
+        match common::safeio::lock_shared(&root.join(common::maildir::FOLDERS_LOCK)) {
+            Ok(guard) => Some(guard),
+            Err(e) => {
+                tracing::warn!("{}: cannot take the folders lock: {e}", root.display());
+                None
+            }
         }
     }
 
