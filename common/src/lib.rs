@@ -17,6 +17,7 @@ pub mod net;
 pub mod password;
 pub mod privileges;
 pub mod queue_id;
+pub mod quota;
 pub mod recipients;
 pub mod relay_credentials;
 pub mod safeio;

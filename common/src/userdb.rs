@@ -20,6 +20,8 @@ pub trait UserDirectory: Send + Sync {
     fn exists(&self, address: &Address) -> bool;
     /// Whether `password` is right for `user`.
     fn authenticate(&self, user: &str, password: &str) -> bool;
+    /// The storage limit of `address`'s mailbox in bytes, if it has one.
+    fn quota(&self, address: &Address) -> Option<u64>;
 }
 
 /// One account.
@@ -29,6 +31,8 @@ pub struct UserEntry {
     pub name: String,
     /// `{SCHEME}hash`.
     pub hash: String,
+    /// Storage limit in bytes (`userdb_quota_rule` in the extra fields).
+    pub quota: Option<u64>,
 }
 
 /// The passwd-file, loaded.
@@ -98,6 +102,36 @@ impl UserDb {
         })
     }
 
+    /// Set (or with None remove) the storage limit of `name` in the file
+    /// at `path`; the line's other fields are kept.
+    pub fn set_quota(path: &Path, name: &str, limit: Option<u64>) -> Result<(), TableError> {
+        let name = name.to_lowercase();
+        textdb::update(path, USERDB_MODE, |text| {
+            let mut found = false;
+            let mut out = String::with_capacity(text.len() + 64);
+            for line in text.lines() {
+                let t = line.trim();
+                let matches =
+                    !t.starts_with('#') && login_of(t).is_some_and(|n| n.to_lowercase() == name);
+                if matches {
+                    found = true;
+                    let mut fields: Vec<&str> = t.splitn(8, ':').collect();
+                    fields.resize(8, "");
+                    let extra = crate::quota::set_limit_in_extra(fields[7], limit);
+                    fields[7] = &extra;
+                    out.push_str(&fields.join(":"));
+                } else {
+                    out.push_str(line);
+                }
+                out.push('\n');
+            }
+            if !found {
+                return Err(TableError::Refused(format!("no user {name}")));
+            }
+            Ok((out, ()))
+        })
+    }
+
     /// Remove `name` from the file at `path`.
     pub fn remove(path: &Path, name: &str) -> Result<(), TableError> {
         let name = name.to_lowercase();
@@ -147,6 +181,10 @@ impl UserDirectory for UserDb {
         self.get(user)
             .is_some_and(|u| password::verify_password(&u.hash, password).unwrap_or(false))
     }
+
+    fn quota(&self, address: &Address) -> Option<u64> {
+        self.users.get(&address.key()).and_then(|u| u.quota)
+    }
 }
 
 fn login_of(line: &str) -> Option<&str> {
@@ -154,16 +192,21 @@ fn login_of(line: &str) -> Option<&str> {
 }
 
 fn parse_line(line: &str) -> Result<UserEntry, String> {
-    let mut fields = line.split(':');
+    // The extra fields are the rest of the line, colons and all
+    // (`userdb_quota_rule=*:storage=1G`).
+    let mut fields = line.splitn(8, ':');
     let name = fields.next().unwrap_or_default();
     let hash = fields
         .next()
         .ok_or_else(|| "expected user@domain:{SCHEME}hash".to_string())?;
     let address = Address::parse(name).map_err(|e| format!("user `{name}`: {e}"))?;
     password::check_hash_format(hash).map_err(|e| format!("user `{name}`: {e}"))?;
+    // uid, gid, gecos, home, shell, then the extra fields.
+    let extra = fields.nth(5).unwrap_or_default();
     Ok(UserEntry {
         name: address.key(),
         hash: hash.to_string(),
+        quota: crate::quota::limit_from_extra(extra),
     })
 }
 

@@ -27,6 +27,14 @@ pub enum UserCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Show a user's mailbox usage and limit, or set the limit (a size
+    /// like 500M or 2G, or bytes; `none` removes it)
+    Quota {
+        address: String,
+        limit: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `mailctl alias ...`
@@ -98,6 +106,55 @@ pub fn user(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
         UserCommand::List { json } => {
             let db = UserDb::load(path)?;
             print_names("user", db.list().iter().map(|u| u.name.as_str()), json);
+        }
+        UserCommand::Quota {
+            address,
+            limit,
+            json,
+        } => quota(config, &address, limit.as_deref(), json)?,
+    }
+    Ok(())
+}
+
+/// `mailctl user quota`: set the limit, then show where the user stands.
+fn quota(config: &Config, address: &str, limit: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let path = &config.paths.users;
+    let address = Address::parse(address).with_context(|| format!("`{address}`"))?;
+    if let Some(limit) = limit {
+        let bytes = match limit {
+            "none" | "0" => None,
+            size => Some(common::quota::parse_size(size, 1).map_err(anyhow::Error::msg)?),
+        };
+        UserDb::set_quota(path, &address.key(), bytes)?;
+    }
+    let Some(user) = UserDb::load(path)?.get(&address.key()).cloned() else {
+        bail!("user {address} does not exist");
+    };
+    let maildir = maildir_path(&config.paths.mail_root, &address)?;
+    let (bytes, messages) = crate::system::as_store_user_returning(config, || {
+        let usage = common::quota::usage(&maildir)
+            .with_context(|| format!("reading {}", maildir.display()))?;
+        Ok((usage.bytes, usage.messages))
+    })?;
+    if json {
+        let v = serde_json::json!({
+            "user": user.name,
+            "used_bytes": bytes,
+            "messages": messages,
+            "limit_bytes": user.quota,
+        });
+        println!("{v}");
+    } else {
+        match user.quota {
+            Some(max) => println!(
+                "{}: {bytes} of {max} bytes used ({}%), {messages} messages",
+                user.name,
+                bytes.saturating_mul(100) / max.max(1)
+            ),
+            None => println!(
+                "{}: {bytes} bytes used, {messages} messages, no limit",
+                user.name
+            ),
         }
     }
     Ok(())

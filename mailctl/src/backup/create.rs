@@ -709,18 +709,10 @@ fn estimate(maildirs: &[(String, Option<PathBuf>)]) -> (u64, u64) {
                 for entry in entries.flatten() {
                     let name = entry.file_name().to_string_lossy().into_owned();
                     messages += 1;
-                    bytes += size_in_name(&name).unwrap_or(0);
+                    bytes += common::quota::size_in_name(&name).unwrap_or(0);
                 }
             }
         }
     }
     (bytes, messages)
-}
-
-/// The `,S=<bytes>` of a Maildir file name.
-fn size_in_name(name: &str) -> Option<u64> {
-    let base = name.split_once(':').map_or(name, |(b, _)| b);
-    base.split(',')
-        .find_map(|part| part.strip_prefix("S="))
-        .and_then(|s| s.parse().ok())
 }

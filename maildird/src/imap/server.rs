@@ -345,7 +345,10 @@ impl ImapServer {
         match prepared {
             Ok(Ok(())) => {
                 tracing::info!("imap login: user=<{user}>, rip={ip}");
-                session.logged_in(tag, user, &root);
+                let quota = common::address::Address::parse(user)
+                    .ok()
+                    .and_then(|a| self.access.directory.current().0.users.quota(&a));
+                session.logged_in(tag, user, &root, quota);
             }
             Ok(Err(e)) => {
                 tracing::error!("imap {user}: {}: {e}", root.display());

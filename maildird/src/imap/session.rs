@@ -32,7 +32,7 @@ use crate::mailbox_name::{decode_mutf7, MailboxName, DELIMITER};
 /// Capabilities once logged in (RFC 9051 7.2.2).
 const CAPABILITIES: &str = "IMAP4rev1 IMAP4rev2 IDLE UIDPLUS MOVE SPECIAL-USE NAMESPACE \
 LITERAL+ ENABLE ID UNSELECT CHILDREN SASL-IR LIST-EXTENDED LIST-STATUS ESEARCH SEARCHRES BINARY \
-UTF8=ACCEPT";
+UTF8=ACCEPT QUOTA QUOTA=RES-STORAGE";
 
 /// What the I/O loop must do after a command.
 #[derive(Debug, PartialEq, Eq)]
@@ -89,6 +89,8 @@ pub struct Session {
     cache: std::sync::Arc<FolderCache>,
     tls: bool,
     user: Option<String>,
+    /// The user's storage limit in bytes, if any: one quota root, "".
+    quota: Option<u64>,
     mailboxes: Option<Mailboxes>,
     selected: Option<Folder>,
     rev2: bool,
@@ -172,6 +174,7 @@ impl Session {
             cache,
             tls,
             user: None,
+            quota: None,
             mailboxes: None,
             selected: None,
             rev2: false,
@@ -442,6 +445,21 @@ impl Session {
                 mailbox,
                 uid,
             } => self.copy(&sequence_set, &mailbox, uid, true),
+            CommandBody::GetQuotaRoot { mailbox } => self.get_quota_root(&mailbox),
+            CommandBody::GetQuota { root } => self.authenticated().and_then(|()| {
+                if root.as_ref() != b"" || self.quota.is_none() {
+                    return Err(Done::no(Some("NONEXISTENT"), "No such quota root"));
+                }
+                self.quota_line()?;
+                Ok(Done::ok("GETQUOTA completed"))
+            }),
+            // RFC 9208 4.3: the limits are the admin's (mailctl user quota).
+            CommandBody::SetQuota { .. } => self.authenticated().and_then(|()| {
+                Err(Done::no(
+                    Some("NOPERM"),
+                    "Quotas are set by the administrator",
+                ))
+            }),
             _ => Err(Done::bad("Command not supported")),
         };
         self.complete(&tag, done, uid_or_other);
@@ -588,8 +606,9 @@ impl Session {
     }
 
     /// The credentials were right: `root` is the user's Maildir.
-    pub fn logged_in(&mut self, tag: &str, user: &str, root: &Path) {
+    pub fn logged_in(&mut self, tag: &str, user: &str, root: &Path, quota: Option<u64>) {
         self.user = Some(user.to_string());
+        self.quota = quota;
         self.mailboxes = Some(Mailboxes::new(root, self.cache.clone()));
         let caps = self.capabilities();
         self.finish(
@@ -908,6 +927,58 @@ impl Session {
         Ok(Done::ok(format!("{word} completed")))
     }
 
+    /// GETQUOTAROOT (RFC 9208 4.2.2): every folder is in the user's one
+    /// root, "", when the user has a limit, and in none otherwise.
+    fn get_quota_root(&mut self, mailbox: &Mailbox) -> Result<Done, Done> {
+        self.authenticated()?;
+        let name = self.name(mailbox)?;
+        let mut b = b"* QUOTAROOT ".to_vec();
+        wire::astring(&mut b, name.to_client(self.utf8).as_bytes(), self.utf8);
+        if self.quota.is_some() {
+            b.extend_from_slice(b" \"\"");
+        }
+        b.extend_from_slice(b"\r\n");
+        self.out.buf().extend_from_slice(&b);
+        if self.quota.is_some() {
+            self.quota_line()?;
+        }
+        Ok(Done::ok("GETQUOTAROOT completed"))
+    }
+
+    /// `* QUOTA "" (STORAGE <used> <limit>)`, in KiB (RFC 9208 5.1).
+    fn quota_line(&mut self) -> Result<(), Done> {
+        let limit = self.quota.unwrap_or(0);
+        let used = self.storage_used()?;
+        self.out.line(&format!(
+            "* QUOTA \"\" (STORAGE {} {})",
+            used.div_ceil(1024),
+            limit / 1024
+        ));
+        Ok(())
+    }
+
+    fn storage_used(&self) -> Result<u64, Done> {
+        let root = self.mailboxes()?.root().to_path_buf();
+        common::quota::usage(&root)
+            .map(|u| u.bytes)
+            .map_err(server_error)
+    }
+
+    /// NO [OVERQUOTA] (RFC 9208 4.4) when `adding` more bytes would pass
+    /// the user's limit.
+    fn check_room(&self, adding: u64) -> Result<(), Done> {
+        let Some(limit) = self.quota else {
+            return Ok(());
+        };
+        if self.storage_used()?.saturating_add(adding) > limit {
+            return Err(Done::no(
+                Some("OVERQUOTA"),
+                "Quota exceeded (mailbox is full)",
+            ));
+        }
+        Ok(())
+    }
+
     fn status_command(
         &mut self,
         mailbox: &Mailbox,
@@ -945,6 +1016,17 @@ impl Session {
         if !mb.exists(&name) {
             return Err(Done::no(Some("TRYCREATE"), "Mailbox does not exist"));
         }
+        let adding = match (appended, literal) {
+            (Some(path), _) => std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+            (None, imap_types::extensions::binary::LiteralOrLiteral8::Literal(l)) => {
+                l.as_ref().len() as u64
+            }
+            (None, imap_types::extensions::binary::LiteralOrLiteral8::Literal8(l)) => {
+                l.data.as_ref().len() as u64
+            }
+        };
+        self.check_room(adding)?;
+        let mb = self.mailboxes()?;
         let flags = message_flags(flags);
         let date = date.map(|d| {
             let secs = d.as_ref().timestamp();
@@ -1272,6 +1354,19 @@ impl Session {
                 "Source and destination are the same",
             ));
         }
+        if !moving && self.quota.is_some() {
+            // A MOVE keeps the user's usage; a COPY adds to it.
+            let adding: u64 = indexes
+                .iter()
+                .filter_map(|&i| folder.messages.get(i))
+                .filter_map(|m| std::fs::metadata(m.path(&folder.path)).ok())
+                .map(|meta| meta.len())
+                .sum();
+            self.check_room(adding)?;
+        }
+        let Some(folder) = self.selected.as_mut() else {
+            return Err(Done::bad("No mailbox selected"));
+        };
         let (validity, pairs) = folder.copy_to(&indexes, &dest, &hostname)?;
         let code = if pairs.is_empty() {
             None

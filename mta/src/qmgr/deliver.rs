@@ -14,6 +14,7 @@ use common::spool::{
 use common::userdb::maildir_path;
 
 use super::bounce::{self, Report};
+use super::quota;
 use super::remote::RemoteResult;
 use super::Context;
 
@@ -104,7 +105,7 @@ fn prepare(ctx: &Context, id: &str) -> Result<Pass, PassResult> {
             }
             Ok(address) if !dir.is_local_domain(address.domain()) => remote.push(i),
             Ok(address) => {
-                deliver_local_recipient(ctx, &message, &address, rcpt);
+                deliver_local_recipient(ctx, &dir, &message, &address, rcpt);
                 if rcpt.status == RecipientStatus::Delivered && rcpt.wants_success_report() {
                     reports.push((i, Report::Delivered));
                 }
@@ -291,13 +292,14 @@ struct LocalMessage<'a> {
 
 fn deliver_local_recipient(
     ctx: &Context,
+    dir: &Directory,
     message: &LocalMessage,
     address: &Address,
     rcpt: &mut Recipient,
 ) {
     let id = message.id;
     rcpt.attempts += 1;
-    match deliver_local(ctx, message, address) {
+    match deliver_local(ctx, dir, message, address) {
         Ok(path) => {
             rcpt.status = RecipientStatus::Delivered;
             rcpt.last_error = None;
@@ -312,7 +314,14 @@ fn deliver_local_recipient(
                 if message.junk { ", as junk" } else { "" }
             );
         }
-        Err(e) => {
+        Err(LocalFailure::Full(full)) => {
+            // RFC 3463 4.2.2: mailbox full, a condition that may pass.
+            let why = format!("mailbox full ({} of {} bytes used)", full.used, full.limit);
+            rcpt.last_error = Some(format!("4.2.2 {why}"));
+            rcpt.remote_reply = None;
+            tracing::info!("{id}: to=<{address}>, relay=local, status=deferred ({why})");
+        }
+        Err(LocalFailure::Io(e)) => {
             rcpt.last_error = Some(format!("4.2.0 local delivery failed: {e}"));
             rcpt.remote_reply = None;
             tracing::warn!("{id}: to=<{address}>, relay=local, status=deferred ({e})");
@@ -320,11 +329,24 @@ fn deliver_local_recipient(
     }
 }
 
+/// Why a local delivery did not happen.
+enum LocalFailure {
+    Full(quota::Full),
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for LocalFailure {
+    fn from(e: std::io::Error) -> Self {
+        LocalFailure::Io(e)
+    }
+}
+
 fn deliver_local(
     ctx: &Context,
+    dir: &Directory,
     message: &LocalMessage,
     mailbox: &Address,
-) -> std::io::Result<std::path::PathBuf> {
+) -> Result<std::path::PathBuf, LocalFailure> {
     let file = ctx
         .spool
         .open_data(message.id)
@@ -335,6 +357,8 @@ fn deliver_local(
         message.added_headers.replace("\r\n", "\n")
     );
     let mut target = maildir_path(&ctx.mail_root, mailbox).map_err(std::io::Error::other)?;
+    let size = file.metadata()?.len() + headers.len() as u64;
+    quota::check(ctx, dir, mailbox, &target, size)?.map_err(LocalFailure::Full)?;
     if message.junk {
         let junk = target.join(".Junk");
         if !junk.is_dir() {

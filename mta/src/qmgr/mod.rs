@@ -5,6 +5,7 @@
 pub mod bounce;
 pub mod deliver;
 pub mod pickup;
+pub mod quota;
 pub mod recovery;
 pub mod remote;
 
@@ -46,6 +47,8 @@ pub struct Context {
     pub local_slots: Semaphore,
     /// DKIM keys for mail that local programs send through sendmail.
     pub signers: crate::dkim_sign::Signers,
+    /// The mailboxes found over quota, for smtpd.
+    pub full_mailboxes: common::quota::FullMailboxes,
 }
 
 impl Context {
@@ -65,6 +68,7 @@ impl Context {
             remote: remote::Remote::new(config)?,
             local_slots: Semaphore::new(config.qmgr.delivery_concurrency),
             signers: crate::dkim_sign::Signers::load(&config.paths.dkim_keys),
+            full_mailboxes: common::quota::FullMailboxes::new(&config.paths.spool),
         })
     }
 
@@ -215,6 +219,17 @@ pub async fn run(
         done_tx,
     };
     tokio::task::block_in_place(|| pickup::pickup_all(&ctx));
+    let rechecking = ctx.clone();
+    let recheck = tokio::spawn(async move {
+        let mut every_minute = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            every_minute.tick().await;
+            let ctx = rechecking.clone();
+            let _ =
+                tokio::task::spawn_blocking(move || quota::recheck_full(&ctx, &ctx.full_mailboxes))
+                    .await;
+        }
+    });
     sched.take_incoming();
     sched.take_due();
     loop {
@@ -241,6 +256,7 @@ pub async fn run(
             _ => break,
         }
     }
+    recheck.abort();
     ctx.remote.shutdown().await;
     Ok(())
 }

@@ -9,6 +9,7 @@ use common::address::Address;
 use common::config::Config;
 use common::login::{check_password, LoginThrottle};
 use common::net::{accept_loop, read_line, ConnectionLimiter, ConnectionSlot, Line, Refusal};
+use common::quota::FullMailboxesView;
 use common::recipients::DirectoryCache;
 use common::spool::{ClientInfo, Envelope, Spool};
 use common::tls::TlsSummary;
@@ -92,6 +93,7 @@ pub struct Server {
     throttle: LoginThrottle,
     /// Kept across reloads: the triplets seen must outlive a SIGHUP.
     greylist: Arc<Greylist>,
+    full_mailboxes: Arc<FullMailboxesView>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -112,9 +114,11 @@ impl Server {
             Duration::from_secs(s.auth_failure_window),
         );
         let greylist = Arc::new(Greylist::load(&spool.greylist_path()));
+        let full_mailboxes = Arc::new(FullMailboxesView::new(&config.paths.spool));
         Ok(Arc::new(Server {
             settings: RwLock::new(Arc::new(Settings::new(config, tls)?)),
             greylist,
+            full_mailboxes,
             syncer: DirSyncer::spawn(spool.clone()),
             spool,
             directory,
@@ -201,6 +205,7 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(settings.config.smtpd.session_timeout);
         let mut session = Session::new(settings.limits.clone(), port, ip, None);
         session.set_rates(settings.rates.clone());
+        session.set_full_mailboxes(self.full_mailboxes.clone());
         if let Some(config) = &settings.config.checks.greylist {
             session.set_greylist(self.greylist.clone(), config.clone());
         }

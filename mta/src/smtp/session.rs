@@ -9,7 +9,8 @@ use base64::Engine;
 use common::address::Address;
 use common::config::{GreylistConfig, IpNet};
 use common::login::LoginError;
-use common::recipients::{Directory, ResolveError};
+use common::quota::FullMailboxesView;
+use common::recipients::{Destination, Directory, ResolveError};
 use common::spool::{EsmtpParams, Notify, Recipient};
 use common::tls::TlsSummary;
 use smtp_proto::{Error as ParseError, Request};
@@ -159,6 +160,8 @@ pub struct Session {
     rates: Option<Arc<RateLimits>>,
     /// Greylisting of outside clients, when on.
     greylist: Option<(Arc<Greylist>, GreylistConfig)>,
+    /// Mailboxes qmgr found full.
+    full_mailboxes: Option<Arc<FullMailboxesView>>,
     /// The reply being made is our policy's deferral, not the client's
     /// error: a message to many new recipients must not end the session.
     policy_deferral: bool,
@@ -191,6 +194,7 @@ impl Session {
             refused: None,
             rates: None,
             greylist: None,
+            full_mailboxes: None,
             policy_deferral: false,
         }
     }
@@ -198,6 +202,11 @@ impl Session {
     /// Count this session's messages and recipients in `rates`.
     pub fn set_rates(&mut self, rates: Arc<RateLimits>) {
         self.rates = Some(rates);
+    }
+
+    /// Answer 452 to recipients whose mailboxes `full` lists.
+    pub fn set_full_mailboxes(&mut self, full: Arc<FullMailboxesView>) {
+        self.full_mailboxes = Some(full);
     }
 
     /// Greylist outside clients' recipients with `greylist` as `config` says.
@@ -701,6 +710,7 @@ impl Session {
     }
 
     fn rcpt(&mut self, to: smtp_proto::RcptTo<String>, dir: &Directory) -> Action {
+        let full = self.full_mailboxes.clone();
         let hostname = self.limits.hostname.clone();
         let may_relay = self.may_relay || self.auth_user.is_some();
         let max = self.limits.max_recipients;
@@ -727,6 +737,10 @@ impl Session {
         }
         if dir.is_local_domain(address.domain()) {
             match dir.resolve(&address) {
+                Ok(dests) if all_full(full.as_deref(), &dests) => {
+                    // RFC 3463 4.2.2; qmgr keeps the list up to date.
+                    return reply(452, "4.2.2", format!("<{address}>: Mailbox full"));
+                }
                 Ok(dests) if !dests.is_empty() => {}
                 Ok(_) | Err(ResolveError::UnknownUser(_)) => {
                     return reply(
@@ -904,6 +918,18 @@ fn parse_error_reply(e: ParseError) -> Reply {
     }
 }
 
+/// Whether every mailbox `dests` reaches is listed `full` (an alias with
+/// one mailbox left with room still takes mail).
+fn all_full(full: Option<&FullMailboxesView>, dests: &[Destination]) -> bool {
+    let Some(full) = full else {
+        return false;
+    };
+    !dests.is_empty()
+        && dests.iter().all(|d| match d {
+            Destination::Local(a) => full.contains(&a.to_string()),
+            Destination::Remote(_) => false,
+        })
+}
 #[cfg(test)]
 mod tests {
     use super::*;
