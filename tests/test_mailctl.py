@@ -1,6 +1,7 @@
 """The admin tool: init, check, users, aliases, domains, start/stop/status."""
 
 import json
+import time
 import stat
 import tomllib
 
@@ -126,6 +127,31 @@ def test_status_json_shows_pids(mailsrv):
         pid = mailsrv.pid(daemon)
         assert pid_alive(pid), daemon
         assert json_contains(status, pid), (daemon, pid, status)
+
+
+def test_status_reports_queue_disk_certificate_and_last_backup(make_mailsrv, tmp_path):
+    srv = make_mailsrv(users=[ALICE], config={"smtpd.relay_networks": ["127.0.0.1"]})
+    srv.send(ALICE)
+    srv.wait_for_messages(ALICE, 1)
+    # A message for a domain that does not resolve stays deferred.
+    srv.send("someone@nowhere.invalid")
+    wait_until(lambda: srv.spool_files().get("deferred"), 20, "a deferred message")
+    srv.ctl("backup", "create", "--to", str(tmp_path / "b1"))
+    status = json.loads(srv.ctl("status", "--json").stdout)
+    assert status["running"] is True
+    assert set(status["pids"]) == {"master", "smtpd", "qmgr", "maildird"}, status["pids"]
+    assert status["listeners"]["smtp"] == [f"127.0.0.1:{srv.smtp_port}"], status["listeners"]
+    assert status["queue"]["deferred"] == 1 and status["queue"]["incoming"] == 0, status["queue"]
+    now = time.time()
+    assert now - 60 < status["oldest_deferred"] <= now, status
+    assert status["mail_store"]["used"] >= srv.messages(ALICE)[0].stat().st_size, status
+    assert status["spool"]["available"] > 0
+    # mailctl init's certificate: valid for long.
+    assert status["certificate_expires"] > now + 365 * 86400, status
+    assert status["last_backup"]["path"] == str(tmp_path / "b1"), status["last_backup"]
+    text = srv.ctl("status").stdout
+    assert "mailsrv is running" in text and "oldest deferred message:" in text, text
+    assert f"last backup: {tmp_path / 'b1'} (full" in text, text
 
 
 def test_background_start_and_stop(installation):

@@ -32,9 +32,31 @@ pub fn is_queue_id(s: &str) -> bool {
     s.len() == 16 && s.bytes().all(|b| ALPHABET.contains(&b))
 }
 
+/// When the message of queue id `id` arrived (Unix seconds): its first 11
+/// digits are the microseconds since 1970.
+pub fn arrival(id: &str) -> Option<u64> {
+    if !is_queue_id(id) {
+        return None;
+    }
+    let micros = id.bytes().take(11).try_fold(0u64, |acc, b| {
+        let digit = ALPHABET.iter().position(|&a| a == b)? as u64;
+        Some((acc << 5) | digit)
+    })?;
+    Some(micros / 1_000_000)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_arrival_is_in_the_id() {
+        let before = crate::spool::unix_now();
+        let id = new_queue_id();
+        let at = arrival(&id).unwrap();
+        assert!(at >= before && at <= crate::spool::unix_now(), "{at}");
+        assert_eq!(arrival("not-an-id"), None);
+    }
 
     #[test]
     fn ids_are_unique_sortable_and_valid() {

@@ -16,7 +16,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 /// The daemons whose pid files `status` reports.
-const DAEMONS: [&str; 4] = ["master", "smtpd", "qmgr", "maildird"];
+pub const DAEMONS: [&str; 4] = ["master", "smtpd", "qmgr", "maildird"];
 
 /// How long `start` waits for the listening ports, and `stop` for the exit.
 const START_WAIT: Duration = Duration::from_secs(20);
@@ -30,7 +30,7 @@ fn master_binary(config: &Config) -> anyhow::Result<PathBuf> {
     Ok(dir.join("master"))
 }
 
-fn is_running(config: &Config) -> anyhow::Result<bool> {
+pub fn is_running(config: &Config) -> anyhow::Result<bool> {
     std::fs::create_dir_all(&config.paths.run_dir)
         .with_context(|| format!("creating {}", config.paths.run_dir.display()))?;
     let lock = config.paths.run_dir.join("master.lock");
@@ -38,7 +38,7 @@ fn is_running(config: &Config) -> anyhow::Result<bool> {
     Ok(free.is_none())
 }
 
-fn read_pid(config: &Config, name: &str) -> Option<i32> {
+pub fn read_pid(config: &Config, name: &str) -> Option<i32> {
     let text = std::fs::read_to_string(config.paths.pid_file(name)).ok()?;
     text.trim().parse().ok()
 }
@@ -183,38 +183,5 @@ pub fn reload(config: &Config) -> anyhow::Result<()> {
     let pid = read_pid(config, "master").context("run/master.pid is unreadable")?;
     kill(Pid::from_raw(pid), Signal::SIGHUP).with_context(|| format!("signalling pid {pid}"))?;
     println!("reload requested");
-    Ok(())
-}
-
-/// Report whether mailsrv runs, and the daemons' pids.
-pub fn status(config: &Config, json: bool) -> anyhow::Result<()> {
-    let running = is_running(config)?;
-    let pids: Vec<(&str, Option<i32>)> = DAEMONS
-        .iter()
-        .map(|d| (*d, running.then(|| read_pid(config, d)).flatten()))
-        .collect();
-    if json {
-        let daemons: serde_json::Map<String, serde_json::Value> = pids
-            .iter()
-            .map(|(n, p)| (n.to_string(), serde_json::json!(p)))
-            .collect();
-        let listen: Vec<String> = config.smtpd.listen.iter().map(|a| a.to_string()).collect();
-        let v = serde_json::json!({ "running": running, "pids": daemons, "smtp": listen });
-        println!("{v}");
-    } else if running {
-        println!("mailsrv is running");
-        for (n, p) in pids {
-            println!(
-                "  {n:8} pid {}",
-                p.map(|p| p.to_string()).unwrap_or("?".into())
-            );
-        }
-    } else {
-        println!("mailsrv is not running");
-    }
-    // LSB init-script convention: 3 means "not running".
-    if !running && !json {
-        std::process::exit(3);
-    }
     Ok(())
 }

@@ -6,6 +6,7 @@ mod control;
 mod dkim;
 mod init;
 mod queue;
+mod status;
 mod system;
 mod tables;
 
@@ -61,7 +62,8 @@ enum Command {
     Stop,
     /// Make the daemons re-read the configuration
     Reload,
-    /// Show whether the mail system runs
+    /// Show the health of the mail system: daemons, listeners, queue,
+    /// disk use, certificate expiry, last backup
     Status {
         /// Print JSON
         #[arg(long)]
@@ -115,6 +117,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Start { foreground } => control::start(&config_path, &config, foreground),
         Command::Stop => control::stop(&config),
         Command::Reload => control::reload(&config),
-        Command::Status { json } => control::status(&config, json),
+        Command::Status { json } => status::status(&config, json),
     }
 }
