@@ -4,6 +4,7 @@ mod backup;
 mod check;
 mod control;
 mod dkim;
+mod import;
 mod init;
 mod queue;
 mod status;
@@ -45,6 +46,9 @@ enum Command {
     /// DKIM signing keys
     #[command(subcommand)]
     Dkim(dkim::DkimCommand),
+    /// Take over users and Maildirs from Dovecot, aliases from Postfix
+    #[command(subcommand)]
+    Import(import::ImportCommand),
     /// Back up and restore the whole installation
     #[command(subcommand)]
     Backup(backup::BackupCommand),
@@ -118,5 +122,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stop => control::stop(&config),
         Command::Reload => control::reload(&config),
         Command::Status { json } => status::status(&config, json),
+        Command::Import(c) => import::import(&config, c),
     }
 }
