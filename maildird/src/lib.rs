@@ -3,6 +3,5 @@
 pub mod access;
 pub mod imap;
 pub mod login;
-pub mod mailbox_name;
 pub mod maildrop;
 pub mod pop3;

@@ -332,8 +332,11 @@ fn list(path: &Path, user: Option<&str>, json: bool) -> anyhow::Result<()> {
 
 /// The IMAP name of a folder directory.
 fn folder_name(dir: &str) -> String {
-    match dir.strip_prefix('.') {
-        Some(name) => name.to_string(),
-        None => "INBOX".to_string(),
+    if dir.is_empty() {
+        return "INBOX".to_string();
+    }
+    match common::mailbox_name::MailboxName::from_dir_name(dir) {
+        Some(name) => name.to_client(true),
+        None => dir.to_string(),
     }
 }

@@ -720,7 +720,7 @@ pub fn user(
             .map(|f| f.dir.to_string())
             .collect(),
         Some(name) => {
-            let dir = folder_dir(name);
+            let dir = folder_dir(name)?;
             if !source.folders_of(&user).any(|f| f.dir == dir) {
                 bail!("the backup has no folder {name} of {user}");
             }
@@ -750,14 +750,15 @@ pub fn user(
     finish(&source, &restored, started, json)
 }
 
-/// The Maildir++ directory of an IMAP folder name ("INBOX" is the Maildir
-/// itself; names use `.` as the hierarchy delimiter).
-fn folder_dir(name: &str) -> String {
-    if name.eq_ignore_ascii_case("INBOX") {
-        String::new()
-    } else {
-        format!(".{name}")
-    }
+/// The Maildir++ directory of an IMAP folder name, as IMAP clients show
+/// it ("" for INBOX, the Maildir itself).
+fn folder_dir(name: &str) -> anyhow::Result<String> {
+    let name = common::mailbox_name::MailboxName::from_client(name, true)
+        .map_err(|e| anyhow::anyhow!("folder `{name}`: {e}"))?;
+    Ok(name
+        .folder_dir(Path::new(""))
+        .to_string_lossy()
+        .into_owned())
 }
 
 #[cfg(test)]
@@ -778,8 +779,10 @@ mod tests {
 
     #[test]
     fn folder_names() {
-        assert_eq!(folder_dir("INBOX"), "");
-        assert_eq!(folder_dir("inbox"), "");
-        assert_eq!(folder_dir("Work.Sub"), ".Work.Sub");
+        assert_eq!(folder_dir("INBOX").unwrap(), "");
+        assert_eq!(folder_dir("inbox").unwrap(), "");
+        assert_eq!(folder_dir("Work.Sub").unwrap(), ".Work.Sub");
+        assert_eq!(folder_dir("Entwürfe").unwrap(), ".Entw&APw-rfe");
+        assert!(folder_dir("../x").is_err());
     }
 }

@@ -1,5 +1,5 @@
 //! A user's mailbox tree: listing, CREATE, DELETE, RENAME, subscriptions
-//! and STATUS over the Maildir++ layout of [`crate::mailbox_name`].
+//! and STATUS over the Maildir++ layout of [`common::mailbox_name`].
 
 use std::collections::BTreeSet;
 use std::io;
@@ -12,7 +12,7 @@ use common::safeio::{sync_dir, write_atomic};
 
 use crate::imap::cache::FolderCache;
 use crate::imap::folder::Folder;
-use crate::mailbox_name::{encode_mutf7, MailboxName, DELIMITER};
+use common::mailbox_name::{encode_mutf7, MailboxName, DELIMITER};
 
 /// Subscriptions, one name per line in its on-disk (modified UTF-7) form,
 /// as Courier and Dovecot's Maildir++ store them.
@@ -271,7 +271,7 @@ fn parse_subscriptions(text: &str) -> Vec<String> {
     lines
         .filter(|l| !l.is_empty())
         .map(|l| l.replace('\t', &DELIMITER.to_string()))
-        .filter_map(|l| crate::mailbox_name::decode_mutf7(&l))
+        .filter_map(|l| common::mailbox_name::decode_mutf7(&l))
         .collect()
 }
 

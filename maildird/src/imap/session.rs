@@ -27,7 +27,7 @@ use super::sequence::{compact, NumberSet};
 use super::syntax::{self, ListCommand, SearchReturn};
 use super::wire;
 use crate::login::LoginPolicy;
-use crate::mailbox_name::{decode_mutf7, MailboxName, DELIMITER};
+use common::mailbox_name::{decode_mutf7, MailboxName, DELIMITER};
 
 /// Capabilities once logged in (RFC 9051 7.2.2).
 const CAPABILITIES: &str = "IMAP4rev1 IMAP4rev2 IDLE UIDPLUS MOVE SPECIAL-USE NAMESPACE \
@@ -894,7 +894,7 @@ impl Session {
             let client_name = if utf8 {
                 name.clone()
             } else {
-                crate::mailbox_name::encode_mutf7(name)
+                common::mailbox_name::encode_mutf7(name)
             };
             let mut b = format!("* {word} ({}) \".\" ", attrs.join(" ")).into_bytes();
             wire::astring(&mut b, client_name.as_bytes(), utf8);
