@@ -105,28 +105,36 @@ impl UserDb {
     /// Set (or with None remove) the storage limit of `name` in the file
     /// at `path`; the line's other fields are kept.
     pub fn set_quota(path: &Path, name: &str, limit: Option<u64>) -> Result<(), TableError> {
+        Self::edit_line(path, name, |line| {
+            // The extra fields are the eighth, colons and all.
+            let mut fields: Vec<&str> = line.splitn(8, ':').collect();
+            fields.resize(8, "");
+            let extra = crate::quota::set_limit_in_extra(fields[7], limit);
+            fields[7] = &extra;
+            fields.join(":")
+        })
+    }
+
+    /// Rewrite the line of user `name` in the file at `path` with `edit`.
+    fn edit_line(path: &Path, name: &str, edit: impl Fn(&str) -> String) -> Result<(), TableError> {
         let name = name.to_lowercase();
         textdb::update(path, USERDB_MODE, |text| {
             let mut found = false;
-            let mut out = String::with_capacity(text.len() + 64);
+            let mut out = String::with_capacity(text.len() + 128);
             for line in text.lines() {
                 let t = line.trim();
                 let matches =
                     !t.starts_with('#') && login_of(t).is_some_and(|n| n.to_lowercase() == name);
                 if matches {
                     found = true;
-                    let mut fields: Vec<&str> = t.splitn(8, ':').collect();
-                    fields.resize(8, "");
-                    let extra = crate::quota::set_limit_in_extra(fields[7], limit);
-                    fields[7] = &extra;
-                    out.push_str(&fields.join(":"));
+                    out.push_str(&edit(t));
                 } else {
                     out.push_str(line);
                 }
                 out.push('\n');
             }
             if !found {
-                return Err(TableError::Refused(format!("no user {name}")));
+                return Err(TableError::Refused(format!("user {name} does not exist")));
             }
             Ok((out, ()))
         })
@@ -145,29 +153,11 @@ impl UserDb {
 
     /// Replace the hash of `name` in the file at `path`.
     pub fn set_password(path: &Path, name: &str, password: &str) -> Result<(), TableError> {
-        let name = name.to_lowercase();
         let hash = password::hash_password(password);
-        textdb::update(path, USERDB_MODE, |text| {
-            let mut found = false;
-            let mut out = String::with_capacity(text.len() + 128);
-            for line in text.lines() {
-                let t = line.trim();
-                let matches =
-                    !t.starts_with('#') && login_of(t).is_some_and(|n| n.to_lowercase() == name);
-                if matches {
-                    found = true;
-                    let mut fields: Vec<&str> = t.splitn(3, ':').collect();
-                    fields.resize(3, "");
-                    out.push_str(&format!("{}:{hash}:{}", fields[0], fields[2]));
-                } else {
-                    out.push_str(line);
-                }
-                out.push('\n');
-            }
-            if !found {
-                return Err(TableError::Refused(format!("user {name} does not exist")));
-            }
-            Ok((out, ()))
+        Self::edit_line(path, name, |line| {
+            let mut fields: Vec<&str> = line.splitn(3, ':').collect();
+            fields.resize(3, "");
+            format!("{}:{hash}:{}", fields[0], fields[2])
         })
     }
 }

@@ -508,9 +508,9 @@ fn restore_folder(
     progress: &mut Progress,
     restored: &mut Restored,
 ) -> anyhow::Result<()> {
-    if folder.dir.contains('/')
-        || (!folder.dir.is_empty() && !folder.dir.starts_with('.'))
-        || folder.dir == ".."
+    // The manifest is ours, but a name must never leave the Maildir.
+    if !folder.dir.is_empty()
+        && common::mailbox_name::MailboxName::from_dir_name(folder.dir).is_none()
     {
         bail!("the backup names a bad folder: {}", folder.dir);
     }
