@@ -13,6 +13,12 @@ command -v offlineimap >/dev/null || missing+=(offlineimap3)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v useradd >/dev/null || missing+=(passwd)
 command -v strace >/dev/null || missing+=(strace)
+# The backup tests rewrite a manifest with the zstd tool.
+command -v zstd >/dev/null || missing+=(zstd)
+# The import tests make real Dovecot Maildirs with Dovecot's own imap
+# (run standalone, no daemon) and hash passwords with doveadm.
+{ command -v doveadm >/dev/null && [ -x /usr/lib/dovecot/imap ]; } ||
+  missing+=(dovecot-core dovecot-imapd)
 # The content scanners the tests run (tests/scanners.py); both live in
 # /usr/sbin, which a normal user's PATH lacks.
 command -v clamd >/dev/null || [ -x /usr/sbin/clamd ] || missing+=(clamav-daemon)
@@ -39,5 +45,5 @@ if [ "$(id -u)" -eq 0 ]; then
     tests/test_delivery.py tests/test_aliases.py tests/test_queue.py tests/test_queue_admin.py \
     tests/test_submission.py tests/test_sendmail.py tests/test_remote.py tests/test_mail_auth.py \
     tests/test_imap.py tests/test_pop3.py tests/test_mbsync.py tests/test_greylist.py \
-    tests/test_content_scan.py
+    tests/test_content_scan.py tests/test_backup.py tests/test_import.py tests/test_quota.py
 fi

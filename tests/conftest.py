@@ -22,6 +22,7 @@ session too, started by the first test that asks for the `clamd` or
 from __future__ import annotations
 
 import imaplib
+import itertools
 import json
 import os
 import poplib
@@ -65,6 +66,11 @@ DAEMONS = ("master", "smtpd", "qmgr", "maildird")
 # its IMAP on P+143 (STARTTLS) and P+993 (IMAPS); P+587 and P+465 are
 # reserved for submission.
 PORT_OFFSETS = (25, 587, 465, 143, 993, 110, 995)
+# The config keys `mailctl init` writes for those ports, with their offsets.
+LISTEN_KEYS = (("smtpd.listen", 25), ("smtpd.submission_listen", 587),
+               ("smtpd.submissions_listen", 465), ("maildird.imap_listen", 143),
+               ("maildird.imaps_listen", 993), ("maildird.pop3_listen", 110),
+               ("maildird.pop3s_listen", 995))
 
 # The spool's subdirectories (ARCHITECTURE.md), data/ first: a message file
 # is written before its envelope and removed after it, so listing data/
@@ -221,6 +227,16 @@ class Mailsrv:
                                   toml_value(value))
         self.config_path.write_text(text)
         return line
+
+    def move_ports(self, port_base: int) -> None:
+        """Point every listener of the config at `port_base` + the offsets
+        `mailctl init` uses (for an installation made from a copy, such as
+        a restored backup, whose ports another one holds)."""
+        assert not self.running, "move the ports of a stopped installation"
+        for key, offset in LISTEN_KEYS:
+            self.set_config(key, [f"127.0.0.1:{port_base + offset}"])
+        self.port_base = port_base
+        self.smtp_port = port_base + 25
 
     def write_secret(self, name: str, text: str) -> Path:
         """Write `text` to `name` in the installation's directory, readable
@@ -763,17 +779,23 @@ def make_mailsrv(tmp_path: Path, request: pytest.FixtureRequest, dns_server: DNS
     (each with a fresh password, kept in srv.passwords) before the first
     start, and (by default) starts it; spool_tmpfs="300k" runs it with a
     tmpfs of that size on its spool (see Mailsrv); wait_for_imap makes every
-    start wait for the IMAP and IMAPS greetings too."""
+    start wait for the IMAP and IMAPS greetings too.
+
+    make_mailsrv(existing=DIR) takes over the installation already in DIR
+    (a copy, or a restored backup: DIR/mailsrv.toml) instead of making one:
+    its listeners move to a free port base, then the config values and
+    users apply as above; it is stopped at teardown like the others.
+    make_mailsrv.new_root() gives a fresh path (not yet made) for such an
+    installation, where the daemons of a privileged one can reach it; it is
+    removed at teardown, after every installation has stopped."""
     if not MAILCTL.is_file():
         pytest.fail(f"{MAILCTL} not found: build with `cargo build --workspace` "
                     "or set MAILSRV_BIN_DIR")
     made: list[Mailsrv] = []
     shared_roots: list[Path] = []
+    roots_made = itertools.count()
 
-    def make(config: dict[str, Any] | None = None, start: bool = True,
-             spool_tmpfs: str | None = None, users: Iterable[str] = (),
-             wait_for_imap: bool = False, privileged: bool | None = None,
-             hostname: str = HOSTNAME, domain: str = DOMAIN) -> Mailsrv:
+    def new_root(privileged: bool | None = None) -> Path:
         if privileged is None:
             privileged = PRIVILEGED_BY_DEFAULT
         if privileged:
@@ -782,15 +804,34 @@ def make_mailsrv(tmp_path: Path, request: pytest.FixtureRequest, dns_server: DNS
             root = Path(tempfile.mkdtemp(prefix="mailsrv-priv-", dir="/tmp"))
             root.chmod(0o755)
             shared_roots.append(root)
-            root = root / "inst"
-        else:
-            root = tmp_path / f"inst{len(made)}"
+            return root / "inst"
+        return tmp_path / f"inst{next(roots_made)}"
+
+    def make(config: dict[str, Any] | None = None, start: bool = True,
+             spool_tmpfs: str | None = None, users: Iterable[str] = (),
+             wait_for_imap: bool = False, privileged: bool | None = None,
+             hostname: str = HOSTNAME, domain: str = DOMAIN,
+             existing: Path | None = None) -> Mailsrv:
+        if existing is not None:
+            root = Path(existing)
+            assert (root / "mailsrv.toml").is_file(), f"no installation in {root}"
+            with open(root / "mailsrv.toml", "rb") as f:
+                existing_config = tomllib.load(f)
+            privileged = "privileges" in existing_config
+            hostname = existing_config.get("hostname", hostname)
+        elif privileged is None:
+            privileged = PRIVILEGED_BY_DEFAULT
+        if existing is None:
+            root = new_root(privileged)
         srv = Mailsrv(root, free_port_base(), spool_tmpfs, privileged, hostname, domain)
         made.append(srv)
         srv.wait_for_imap = wait_for_imap
-        srv.init()
-        # Never the system resolver: names no test set up get SERVFAIL.
-        srv.set_config("dns.servers", [dns_server.address])
+        if existing is not None:
+            srv.move_ports(srv.port_base)
+        else:
+            srv.init()
+            # Never the system resolver: names no test set up get SERVFAIL.
+            srv.set_config("dns.servers", [dns_server.address])
         for key, value in (config or {}).items():
             srv.set_config(key, value)
         for addr in users:
@@ -799,6 +840,7 @@ def make_mailsrv(tmp_path: Path, request: pytest.FixtureRequest, dns_server: DNS
             srv.start()
         return srv
 
+    make.new_root = new_root
     try:
         yield make
     finally:

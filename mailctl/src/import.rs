@@ -130,7 +130,10 @@ fn dovecot(
         let added = UserDb::add_line(&config.paths.users, &account.line)?;
         let key = account.address.key();
         if !added {
-            println!("{key}: already a user here, account kept as it is");
+            // Also what makes a second run, after one that failed halfway,
+            // take over only the users still missing.
+            println!("{key}: already a user here, account and mail kept as they are");
+            continue;
         }
         let source = dovecot_maildir(maildir_root, &account.address);
         let target = maildir_path(&config.paths.mail_root, &account.address)?;
@@ -266,12 +269,15 @@ fn aliases(config: &Config, file: &Path) -> anyhow::Result<()> {
             continue;
         }
         let mut usable = Vec::new();
-        for target in targets.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        for target in split_targets(targets) {
+            // `\user`: that user's own mailbox, which is what a bare name
+            // here means already.
+            let target = target.strip_prefix('\\').unwrap_or(&target);
             // Delivery never runs commands or writes files it is told to.
-            if target.starts_with('|')
-                || target.starts_with('/')
-                || target.starts_with(":include:")
-                || target.starts_with("\"|")
+            let unquoted = target.trim_start_matches('"');
+            if unquoted.starts_with('|')
+                || unquoted.starts_with('/')
+                || unquoted.starts_with(":include:")
             {
                 println!("{at}: {key}: `{target}` (a program, file or include) left out");
                 continue;
@@ -296,6 +302,29 @@ fn aliases(config: &Config, file: &Path) -> anyhow::Result<()> {
         file.display()
     );
     Ok(())
+}
+
+/// The targets of an entry: split at commas, except inside double quotes
+/// (`"|/usr/bin/procmail -a x, -b y"` is one target).
+fn split_targets(targets: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    for c in targets.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                current.push(c);
+            }
+            ',' if !quoted => out.push(std::mem::take(&mut current)),
+            c => current.push(c),
+        }
+    }
+    out.push(current);
+    out.into_iter()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect()
 }
 
 /// The entries of an aliases file with their first line numbers: comment
@@ -332,6 +361,14 @@ mod tests {
                 (3, "staff: a, b c".to_string()),
                 (7, "x: y".to_string())
             ]
+        );
+    }
+
+    #[test]
+    fn quoted_targets_keep_their_commas() {
+        assert_eq!(
+            split_targets(r#" "|/usr/bin/procmail -a x, -b y", alice ,\bob,"#),
+            [r#""|/usr/bin/procmail -a x, -b y""#, "alice", "\\bob"]
         );
     }
 

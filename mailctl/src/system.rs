@@ -8,6 +8,7 @@
 //! | users, aliases, domains | root:secret_group | 0640 |
 //! | TLS key | root:root | 0600 (read as root at start; master hands it over on reload) |
 //! | TLS certificate | root:root | 0644 |
+//! | DKIM keys, relay credentials | root:secret_group | 0640 |
 //! | spool | spool_user:spool group | 2771 (others may pass through to the maildrop) |
 //! | spool state directories | spool_user:spool group | 2770 |
 //! | spool/maildrop | store_user:maildrop_group | 3730 (sticky, setgid: a setgid-maildrop_group sendmail writes, only qmgr lists and reads) |
@@ -86,6 +87,27 @@ pub fn apply_ownership(config: &Config, config_path: &Path) -> anyhow::Result<()
     let root_group = Gid::from_raw(0);
     set(&config.tls.cert, root, root_group, 0o644)?;
     set(&config.tls.key, root, root_group, 0o600)?;
+    // Secrets the daemons read through the secret group: DKIM keys
+    // (`<dkim_keys>/<domain>/<selector>.pem`) and the relay password.
+    let mut secrets: Vec<std::path::PathBuf> = std::fs::read_dir(&paths.dkim_keys)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|domain| std::fs::read_dir(domain.path()).ok())
+        .flatten()
+        .flatten()
+        .map(|key| key.path())
+        .collect();
+    secrets.extend(
+        config
+            .delivery
+            .relay
+            .as_ref()
+            .and_then(|r| r.credentials.clone()),
+    );
+    for file in secrets.iter().filter(|f| f.is_file()) {
+        set(file, root, secret, 0o640)?;
+    }
     let spool = common::spool::Spool::new(&paths.spool);
     spool.create_dirs().context("creating the spool")?;
     set_tree(&paths.spool, spool_uid, spool_gid, Some(0o2770))?;

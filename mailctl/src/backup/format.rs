@@ -235,6 +235,7 @@ impl PackWriter {
             written: 0,
         };
         let mut encoder = zstd::stream::Encoder::new(counted, LEVEL)?;
+        encoder.include_checksum(true)?;
         io::copy(&mut hashing, &mut encoder)?;
         let counted = encoder.finish()?;
         let stored = counted.written;
@@ -311,7 +312,9 @@ impl ManifestWriter {
             .create_new(true)
             .open(&path)
             .with_context(|| format!("creating {}", path.display()))?;
-        let encoder = zstd::stream::Encoder::new(io::BufWriter::new(file), LEVEL)?;
+        let mut encoder = zstd::stream::Encoder::new(io::BufWriter::new(file), LEVEL)?;
+        // Damage is caught while the manifest is read, not only by verify.
+        encoder.include_checksum(true)?;
         Ok(ManifestWriter { encoder })
     }
 
@@ -354,6 +357,7 @@ impl Chain {
                 None => dir,
             };
             let header = read_header(&dir)?;
+            check_described(&dir)?;
             if let Some(p) = &expected {
                 let sums = sha256_of_file(&dir.join(SUMS_FILE))?;
                 if header.id != p.id || sums != p.sums_sha256 {
@@ -602,6 +606,32 @@ pub fn write_sums(dir: &Path) -> anyhow::Result<()> {
     }
     common::safeio::write_atomic(&dir.join(SUMS_FILE), text.as_bytes())
         .with_context(|| format!("writing {}", dir.join(SUMS_FILE).display()))
+}
+
+/// Check that the header and the manifest are the ones `SHA256SUMS`
+/// lists (the packs' blobs are checked by their own hashes as they are
+/// read): what a restore trusts must not have changed.
+fn check_described(dir: &Path) -> anyhow::Result<()> {
+    let path = dir.join(SUMS_FILE);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    for name in [HEADER_FILE, MANIFEST_FILE] {
+        let listed = text.lines().find_map(|l| {
+            l.split_once("  ")
+                .filter(|(_, n)| *n == name)
+                .map(|(s, _)| s)
+        });
+        let Some(listed) = listed else {
+            bail!("{}: does not list {name}", path.display());
+        };
+        if sha256_of_file(&dir.join(name))? != listed {
+            bail!(
+                "{}: {name} was changed since the backup was made (run `mailctl backup verify`)",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Check every line of `SHA256SUMS`; returns the problems found.

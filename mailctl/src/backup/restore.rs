@@ -221,6 +221,19 @@ pub fn into_new(path: &Path, into: &Path, json: bool) -> anyhow::Result<()> {
         );
     }
     std::fs::create_dir_all(into).with_context(|| format!("creating {}", into.display()))?;
+    // Half an installation is worse than none: a failed restore leaves
+    // the directory empty, ready for another try.
+    let result = restore_new(&source, into);
+    if result.is_err() {
+        for entry in std::fs::read_dir(into).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+        }
+    }
+    finish(&source, &result?, started, json)
+}
+
+fn restore_new(source: &Source, into: &Path) -> anyhow::Result<Restored> {
     let config_sha = source
         .file(FileRole::Config)
         .context("the backup holds no configuration")?;
@@ -234,18 +247,18 @@ pub fn into_new(path: &Path, into: &Path, json: bool) -> anyhow::Result<()> {
     for dir in ["tls", "run", "log"] {
         std::fs::create_dir_all(into.join(dir))?;
     }
-    let mut restored = restore_installation(&source, &config, true)?;
+    let mut restored = restore_installation(source, &config, true)?;
     restored.files += 1;
     if crate::system::is_root() && config.privileges.is_some() {
         crate::system::apply_ownership(&config, &config_path)?;
-        restore_maildrop_owners(&source, &config)?;
+        restore_maildrop_owners(source, &config)?;
     } else if config.privileges.is_some() {
         eprintln!(
-            "mailctl: note: the configuration drops privileges ([privileges]); as root, run `mailctl -c {} init`-style ownership with `mailctl backup restore` as root, or remove [privileges]",
+            "mailctl: note: {} drops privileges ([privileges]): restore as root so every file gets its owner, or remove that section",
             config_path.display()
         );
     }
-    finish(&source, &restored, started, json)
+    Ok(restored)
 }
 
 /// The whole installation into the configured one, which must be empty
@@ -258,6 +271,9 @@ pub fn into_empty(
     json: bool,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
+    if crate::control::is_running(config)? {
+        bail!("mailsrv is running: stop it (mailctl stop) before restoring a whole installation into it");
+    }
     let source = Source::open(path)?;
     let users = UserDb::load(&config.paths.users)?;
     if !users.list().is_empty() {
@@ -547,6 +563,11 @@ fn exact_folder(
                 .unwrap_or_default()
         ))
     } else {
+        // A folder of a user whose Maildir is gone: an empty INBOX first.
+        if !maildir.join("cur").is_dir() {
+            common::maildir::create_maildir(maildir)
+                .with_context(|| format!("creating {}", maildir.display()))?;
+        }
         maildir
             .join("tmp")
             .join(format!("mailsrv-restore{}", folder.dir))
