@@ -36,7 +36,16 @@ def test_quota_is_set_shown_and_kept_in_the_users_file(mailsrv):
     assert quota_of(srv, ALICE)["limit_bytes"] is None
 
 
-def test_a_full_mailbox_defers_delivery_and_refuses_at_rcpt(make_mailsrv):
+def refused_at_rcpt(srv):
+    """The reply to RCPT TO alice, when it is not 250."""
+    with srv.smtp() as s:
+        s.ehlo("client.example.test")
+        s.mail("sender@remote.test")
+        code, text = s.rcpt(f"<{ALICE}>")
+        return (code, text) if code != 250 else None
+
+
+def test_a_message_that_does_not_fit_is_deferred_and_small_ones_still_come(make_mailsrv):
     srv = make_mailsrv(users=[ALICE], config={"qmgr.min_backoff": 1, "qmgr.max_backoff": 2})
     srv.ctl("user", "quota", ALICE, "20K")
     srv.send(ALICE, sized("fits", 12_000))
@@ -45,27 +54,40 @@ def test_a_full_mailbox_defers_delivery_and_refuses_at_rcpt(make_mailsrv):
     assert 12_000 <= usage["used_bytes"] <= 20_480 and usage["messages"] == 1, usage
 
     srv.send(ALICE, sized("too much", 12_000))
-    found = wait_until(lambda: srv.queue_recipient(ALICE), 20, "the message deferred")
-    _, rcpt = found
-    wait_until(lambda: "4.2.2" in (srv.queue_recipient(ALICE)[1].get("last_error") or ""),
+    wait_until(lambda: "4.2.2" in ((srv.queue_recipient(ALICE) or ({}, {}))[1].get("last_error") or ""),
                20, "a 4.2.2 mailbox-full deferral")
     assert len(srv.messages(ALICE)) == 1
+    # Room is left for small mail: RCPT is not refused, and it is delivered.
+    assert refused_at_rcpt(srv) is None
+    srv.send(ALICE, sized("small", 1_000))
+    srv.wait_for_messages(ALICE, 2)
 
-    # Now known to be full: smtpd refuses at RCPT.
-    def refused_at_rcpt():
-        with srv.smtp() as s:
-            s.ehlo("client.example.test")
-            s.mail("sender@remote.test")
-            code, text = s.rcpt(f"<{ALICE}>")
-            return (code, text) if code != 250 else None
-    code, text = wait_until(refused_at_rcpt, 10, "452 at RCPT")
+
+def test_a_full_mailbox_is_refused_at_rcpt_until_it_has_room(make_mailsrv):
+    srv = make_mailsrv(users=[ALICE], config={"qmgr.min_backoff": 1, "qmgr.max_backoff": 2,
+                                              "smtpd.max_errors": 2})
+    srv.send(ALICE, sized("fills it", 12_000))
+    srv.wait_for_messages(ALICE, 1)
+    # The admin lowers the limit below what the mailbox holds.
+    srv.ctl("user", "quota", ALICE, "10K")
+    srv.send(ALICE, sized("one more", 1_000))
+    wait_until(lambda: "4.2.2" in ((srv.queue_recipient(ALICE) or ({}, {}))[1].get("last_error") or ""),
+               20, "a 4.2.2 mailbox-full deferral")
+    code, text = wait_until(lambda: refused_at_rcpt(srv), 10, "452 at RCPT")
     assert code == 452 and text.startswith(b"4.2.2"), (code, text)
+    # Our policy, not the client's error: many of them keep the session.
+    with srv.smtp() as s:
+        s.ehlo("client.example.test")
+        s.mail("sender@remote.test")
+        for _ in range(4):
+            assert s.rcpt(f"<{ALICE}>")[0] == 452
+        assert s.noop()[0] == 250
 
     # Room again: the deferred message goes in, and RCPT is accepted.
     srv.ctl("user", "quota", ALICE, "100K")
     srv.ctl("queue", "flush")
     srv.wait_for_messages(ALICE, 2)
-    wait_until(lambda: refused_at_rcpt() is None, 10, "RCPT accepted again")
+    wait_until(lambda: refused_at_rcpt(srv) is None, 10, "RCPT accepted again")
 
 
 def test_imap_reports_usage_and_refuses_append_and_copy_past_the_limit(mailsrv):

@@ -212,9 +212,34 @@ pub fn decode_mutf7(s: &str) -> Option<String> {
     Some(out)
 }
 
+/// Subscribed names (UTF-8) from the file's text: ours, one modified
+/// UTF-7 name a line, or Dovecot 2.3's (a `V\t2` header line, then names
+/// with TAB between hierarchy levels).
+pub fn parse_subscriptions(text: &str) -> Vec<String> {
+    let mut lines = text.lines().peekable();
+    if lines.peek().is_some_and(|l| l.starts_with("V\t")) {
+        lines.next();
+    }
+    lines
+        .filter(|l| !l.is_empty())
+        .map(|l| l.replace('\t', &DELIMITER.to_string()))
+        .filter_map(|l| decode_mutf7(&l))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dovecot_subscriptions_are_read() {
+        let names = parse_subscriptions("V\t2\n\nWork\nWork\tSub\nEntw&APw-rfe\n");
+        assert_eq!(names, ["Work", "Work.Sub", "Entwürfe"]);
+        assert_eq!(
+            parse_subscriptions("Sent\nWork.Sub\n"),
+            ["Sent", "Work.Sub"]
+        );
+    }
 
     #[test]
     fn rfc3501_examples_round_trip() {

@@ -125,41 +125,67 @@ fn dovecot(
         Domains::add(&config.paths.domains, d)?;
         println!("domain {d} is now served here");
     }
+    let existing = UserDb::load(&config.paths.users)?;
     let mut copies = Vec::new();
     for account in &accounts {
-        let added = UserDb::add_line(&config.paths.users, &account.line)?;
         let key = account.address.key();
-        if !added {
-            // Also what makes a second run, after one that failed halfway,
-            // take over only the users still missing.
+        // Also what makes a second run, after one that failed halfway,
+        // take over only the users still missing.
+        if existing.get(&key).is_some() {
             println!("{key}: already a user here, account and mail kept as they are");
             continue;
         }
         let source = dovecot_maildir(maildir_root, &account.address);
         let target = maildir_path(&config.paths.mail_root, &account.address)?;
-        match source {
-            Some(source) => copies.push((key, source, target)),
-            None => println!(
-                "{key}: imported (no Maildir under {})",
-                maildir_root.display()
-            ),
+        copies.push((key, source, target, account.line.clone()));
+    }
+    // Each user's mail is copied aside and renamed into place, and the
+    // account is added only once its mail is in: a user is imported
+    // whole or not at all.
+    let jobs: Vec<(String, Option<PathBuf>, PathBuf)> = copies
+        .iter()
+        .map(|(k, s, t, _)| (k.clone(), s.clone(), t.clone()))
+        .collect();
+    let results: Vec<(String, Result<u64, String>)> =
+        crate::system::as_store_user_returning(config, || {
+            Ok(jobs
+                .iter()
+                .map(|(user, source, target)| {
+                    let copied = match source {
+                        Some(source) => copy_maildir(source, target)
+                            .with_context(|| format!("copying {}", source.display()))
+                            .map_err(|e| format!("{e:#}")),
+                        None => Ok(0),
+                    };
+                    (user.clone(), copied)
+                })
+                .collect())
+        })?;
+    let mut failed = 0;
+    for ((user, copied), (_, source, _, line)) in results.into_iter().zip(&copies) {
+        match copied {
+            Ok(messages) => {
+                UserDb::add_line(&config.paths.users, line)?;
+                match source {
+                    Some(_) => println!("{user}: imported with {messages} messages"),
+                    None => println!(
+                        "{user}: imported (no Maildir under {})",
+                        maildir_root.display()
+                    ),
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                println!("{user}: NOT imported: {e}");
+            }
         }
     }
-    let copied = crate::system::as_store_user_returning(config, || {
-        let mut done = Vec::new();
-        for (user, source, target) in &copies {
-            let messages = copy_maildir(source, target)
-                .with_context(|| format!("{user}: copying {}", source.display()))?;
-            done.push((user.clone(), messages));
-        }
-        Ok(done)
-    })?;
-    for (user, messages) in copied {
-        println!("{user}: imported with {messages} messages");
+    if failed > 0 {
+        bail!("{failed} user(s) not imported; fix the cause and run the import again");
     }
     println!(
         "imported {} users from {}; see `mailctl check`, then point MX and clients here",
-        accounts.len(),
+        copies.len(),
         passwd_file.display()
     );
     Ok(())
@@ -185,16 +211,38 @@ fn is_dovecot_cache(name: &str) -> bool {
 }
 
 /// Copy a Dovecot Maildir (INBOX and its `.Folder`s) into `target`, which
-/// must not have mail yet; returns the messages copied. Message files
-/// keep their names and times (IMAP's INTERNALDATE); each folder then
-/// gets our UID list from Dovecot's.
+/// must not exist yet; returns the messages copied. Message files keep
+/// their names and times (IMAP's INTERNALDATE); each folder then gets our
+/// UID list from Dovecot's. Built beside the target and renamed into
+/// place, so a failed copy leaves nothing behind.
 fn copy_maildir(source: &Path, target: &Path) -> anyhow::Result<u64> {
-    if target.join("mailsrv-uidlist").exists() {
+    if target.exists() {
         bail!(
-            "{} already has mail of its own; not mixed with Dovecot's",
+            "{} exists already; not mixed with Dovecot's mail",
             target.display()
         );
     }
+    let parent = target.parent().context("a Maildir has a parent")?;
+    std::fs::create_dir_all(parent)?;
+    let building = parent.join(format!(
+        ".importing-{}",
+        target
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    let _ = std::fs::remove_dir_all(&building);
+    let copied = copy_folders(source, &building).and_then(|messages| {
+        common::safeio::rename_durable(&building, target)?;
+        Ok(messages)
+    });
+    if copied.is_err() {
+        let _ = std::fs::remove_dir_all(&building);
+    }
+    copied
+}
+
+fn copy_folders(source: &Path, target: &Path) -> anyhow::Result<u64> {
     let mut folders = vec![(source.to_path_buf(), target.to_path_buf())];
     for entry in std::fs::read_dir(source)?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -208,28 +256,38 @@ fn copy_maildir(source: &Path, target: &Path) -> anyhow::Result<u64> {
         common::maildir::create_maildir(to)?;
         for entry in std::fs::read_dir(from)?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let meta = entry.metadata()?;
-            if meta.is_file() && !is_dovecot_cache(&name) {
-                copy_file(&entry.path(), &to.join(&name), &meta)?;
+            if is_dovecot_cache(&name) {
+                continue;
+            }
+            if let Ok(meta) = entry.metadata() {
+                if meta.is_file() {
+                    copy_file(&entry.path(), &to.join(&name), &meta)?;
+                }
             }
         }
         for sub in ["cur", "new"] {
             for entry in std::fs::read_dir(from.join(sub))?.flatten() {
-                let meta = entry.metadata()?;
-                if meta.is_file() {
-                    copy_file(&entry.path(), &to.join(sub).join(entry.file_name()), &meta)?;
+                // Dovecot may rename (flags) or remove a file while we copy.
+                let Ok(meta) = entry.metadata() else { continue };
+                if meta.is_file()
+                    && copy_file(&entry.path(), &to.join(sub).join(entry.file_name()), &meta)?
+                {
                     messages += 1;
                 }
             }
         }
         common::uidlist::sync(to).with_context(|| format!("UIDs of {}", to.display()))?;
     }
-    common::safeio::sync_dir(target)?;
     Ok(messages)
 }
 
-fn copy_file(from: &Path, to: &Path, meta: &std::fs::Metadata) -> anyhow::Result<()> {
-    let mut source = std::fs::File::open(from)?;
+/// Copy one file with its modification time; false when it vanished.
+fn copy_file(from: &Path, to: &Path, meta: &std::fs::Metadata) -> anyhow::Result<bool> {
+    let mut source = match std::fs::File::open(from) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", from.display())),
+    };
     let mut file = std::fs::File::options()
         .write(true)
         .create_new(true)
@@ -238,7 +296,7 @@ fn copy_file(from: &Path, to: &Path, meta: &std::fs::Metadata) -> anyhow::Result
     std::io::copy(&mut source, &mut file)?;
     file.set_modified(meta.modified()?)?;
     file.sync_all()?;
-    Ok(())
+    Ok(true)
 }
 
 /// /etc/aliases entries into our aliases file.

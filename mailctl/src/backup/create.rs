@@ -645,7 +645,13 @@ fn list_folder(maildir: &Path, dir: String, staging: &Path, n: usize) -> anyhow:
             // protected_hardlinks): it is copied instead.
             let staged_ok = std::fs::hard_link(&file, &staged).or_else(|e| {
                 if e.raw_os_error() == Some(libc::EPERM) {
-                    std::fs::copy(&file, &staged).map(|_| ())
+                    // The mtime is the message's INTERNALDATE: kept.
+                    let modified = std::fs::metadata(&file)?.modified()?;
+                    std::fs::copy(&file, &staged)?;
+                    File::options()
+                        .write(true)
+                        .open(&staged)?
+                        .set_modified(modified)
                 } else {
                     Err(e)
                 }

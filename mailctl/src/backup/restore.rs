@@ -688,18 +688,23 @@ fn info_of(file_name: &str) -> &str {
 }
 
 fn merge_subscriptions(maildir: &Path, backed_up: &[u8]) -> anyhow::Result<()> {
+    use common::mailbox_name::{encode_mutf7, parse_subscriptions};
     let path = maildir.join("subscriptions");
     let current = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let mut names: BTreeSet<&str> = current.lines().filter(|l| !l.is_empty()).collect();
-    let backed_up = String::from_utf8_lossy(backed_up);
+    // Either file may be Dovecot's (a header, TABs between levels):
+    // both are read as names and written back in our form.
+    let mut names: BTreeSet<String> = parse_subscriptions(&current).into_iter().collect();
     let before = names.len();
-    names.extend(backed_up.lines().filter(|l| !l.is_empty()));
+    names.extend(parse_subscriptions(&String::from_utf8_lossy(backed_up)));
     if names.len() != before || current.is_empty() {
-        let text: String = names.iter().map(|n| format!("{n}\n")).collect();
+        let text: String = names
+            .iter()
+            .map(|n| format!("{}\n", encode_mutf7(n)))
+            .collect();
         common::safeio::write_atomic(&path, text.as_bytes())?;
     }
     Ok(())

@@ -222,7 +222,7 @@ impl Mailboxes {
     /// Subscribed names (UTF-8).
     pub fn subscriptions(&self) -> io::Result<Vec<String>> {
         match std::fs::read_to_string(self.root.join(SUBSCRIPTIONS_FILE)) {
-            Ok(text) => Ok(parse_subscriptions(&text)),
+            Ok(text) => Ok(common::mailbox_name::parse_subscriptions(&text)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
             Err(e) => Err(e),
         }
@@ -258,21 +258,6 @@ impl Mailboxes {
         let mut folder = Folder::open(&self.path(name), true, self.cache.clone())?;
         Ok(status_of(&mut folder))
     }
-}
-
-/// Subscribed names (UTF-8) from the file's text: ours, one modified
-/// UTF-7 name a line, or Dovecot 2.3's (a `V\t2` header line, then names
-/// with TAB between hierarchy levels).
-fn parse_subscriptions(text: &str) -> Vec<String> {
-    let mut lines = text.lines().peekable();
-    if lines.peek().is_some_and(|l| l.starts_with("V\t")) {
-        lines.next();
-    }
-    lines
-        .filter(|l| !l.is_empty())
-        .map(|l| l.replace('\t', &DELIMITER.to_string()))
-        .filter_map(|l| common::mailbox_name::decode_mutf7(&l))
-        .collect()
 }
 
 /// Subscribe INBOX and the special-use folders of a user who has no
@@ -355,16 +340,6 @@ mod tests {
             mb.delete(&name("INBOX")),
             Err(MailboxError::Cannot(_))
         ));
-    }
-
-    #[test]
-    fn dovecot_subscriptions_are_read() {
-        let names = parse_subscriptions("V\t2\n\nWork\nWork\tSub\nEntw&APw-rfe\n");
-        assert_eq!(names, ["Work", "Work.Sub", "Entwürfe"]);
-        assert_eq!(
-            parse_subscriptions("Sent\nWork.Sub\n"),
-            ["Sent", "Work.Sub"]
-        );
     }
 
     #[test]

@@ -30,11 +30,13 @@ pub fn check(
         return Ok(Ok(()));
     };
     let used = quota::usage(maildir)?.bytes;
-    let full = used.saturating_add(size) > limit;
+    // Listed for smtpd only when nothing more fits at all: one message
+    // too big for the room left must not turn the small ones away.
+    let full = used >= limit;
     if let Err(e) = ctx.full_mailboxes.set(&mailbox.to_string(), full) {
         tracing::warn!("cannot update {}: {e}", ctx.full_mailboxes.path().display());
     }
-    Ok(if full {
+    Ok(if used.saturating_add(size) > limit {
         Err(Full { used, limit })
     } else {
         Ok(())

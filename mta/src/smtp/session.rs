@@ -739,6 +739,8 @@ impl Session {
             match dir.resolve(&address) {
                 Ok(dests) if all_full(full.as_deref(), &dests) => {
                     // RFC 3463 4.2.2; qmgr keeps the list up to date.
+                    // Not the client's error: it does not count as one.
+                    self.policy_deferral = true;
                     return reply(452, "4.2.2", format!("<{address}>: Mailbox full"));
                 }
                 Ok(dests) if !dests.is_empty() => {}
