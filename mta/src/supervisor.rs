@@ -26,8 +26,11 @@ const TLS_DAEMONS: [&str; 2] = ["smtpd", "maildird"];
 /// Longest wait before restarting a daemon that keeps dying.
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
 
-/// A daemon that ran this long before dying is restarted at once.
-const STABLE_RUN: Duration = Duration::from_secs(60);
+/// A daemon that ran this long before dying had started fine: it is
+/// restarted after a second, however often that happens. The back-off is
+/// for daemons that cannot start (a taken port, a missing user), which
+/// die sooner.
+const STABLE_RUN: Duration = Duration::from_secs(5);
 
 struct Daemon {
     name: &'static str,
