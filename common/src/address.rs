@@ -17,7 +17,9 @@ pub enum AddressError {
     LocalTooLong,
     #[error("domain is not a valid host name")]
     BadDomain,
-    #[error("address contains a control character or space")]
+    #[error(
+        "address contains a control character, a space, or one of ()<>[]:;@\\,\" outside quotes"
+    )]
     BadCharacter,
 }
 
@@ -40,6 +42,14 @@ impl Address {
         let (local, domain) = s.rsplit_once('@').ok_or(AddressError::NoDomain)?;
         if local.is_empty() {
             return Err(AddressError::EmptyLocal);
+        }
+        // RFC 5321 4.1.2: a local part is a quoted string or atoms, and
+        // atoms hold none of RFC 5322's specials. Dots are not checked: a
+        // leading, trailing or doubled dot is common in the wild.
+        let quoted = local.len() >= 2 && local.starts_with('"') && local.ends_with('"');
+        if !quoted && local.contains(['(', ')', '<', '>', '[', ']', ':', ';', '@', '\\', ',', '"'])
+        {
+            return Err(AddressError::BadCharacter);
         }
         if local.len() > MAX_LOCAL_LEN {
             return Err(AddressError::LocalTooLong);
@@ -148,6 +158,22 @@ mod tests {
         assert_eq!(Address::parse("a@-x.org"), Err(AddressError::BadDomain));
         assert_eq!(Address::parse("a@x..org"), Err(AddressError::BadDomain));
         assert_eq!(Address::parse("a b@x.org"), Err(AddressError::BadCharacter));
+        for bad in [
+            "m:x@x.org",
+            "robot>,<v@x.org",
+            "a;b@x.org",
+            "a\\b@x.org",
+            "v@x.org:$5$@x.org",
+        ] {
+            assert_eq!(
+                Address::parse(bad),
+                Err(AddressError::BadCharacter),
+                "{bad}"
+            );
+        }
+        // Quoted local parts keep their specials; atext stays allowed.
+        assert!(Address::parse("\"a@b\"@x.org").is_ok());
+        assert!(Address::parse("!#$%&'*+-/=?^_`{|}~.a@x.org").is_ok());
         assert_eq!(Address::parse("a@[../x]"), Err(AddressError::BadDomain));
         assert!(Address::parse("a@[192.0.2.1]").is_ok());
         assert!(Address::parse("a@[IPv6:2001:db8::1]").is_ok());

@@ -75,6 +75,7 @@ impl UserDb {
     pub fn add(path: &Path, address: &Address, password: &str) -> Result<(), TableError> {
         let name = address.key();
         maildir_path(Path::new(""), address)?;
+        check_name(&name)?;
         let line = format!("{name}:{}::::::", password::hash_password(password));
         textdb::update(path, USERDB_MODE, |text| {
             let db = Self::parse(text, path)?;
@@ -93,6 +94,7 @@ impl UserDb {
         let address = Address::parse(&entry.name)
             .map_err(|e| TableError::Refused(format!("{}: {e}", entry.name)))?;
         maildir_path(Path::new(""), &address)?;
+        check_name(&entry.name)?;
         textdb::update(path, USERDB_MODE, |text| {
             let db = Self::parse(text, path)?;
             if db.get(&entry.name).is_some() {
@@ -175,6 +177,17 @@ impl UserDirectory for UserDb {
     fn quota(&self, address: &Address) -> Option<u64> {
         self.users.get(&address.key()).and_then(|u| u.quota)
     }
+}
+
+/// A name the users file can hold: its fields are split at `:` and a
+/// line starting with `#` is a comment.
+fn check_name(name: &str) -> Result<(), TableError> {
+    if name.contains(':') || name.starts_with('#') {
+        return Err(TableError::Refused(format!(
+            "`{name}` cannot be a user: a name holds no `:` and does not start with `#`"
+        )));
+    }
+    Ok(())
 }
 
 fn login_of(line: &str) -> Option<&str> {

@@ -334,6 +334,16 @@ impl Session {
 
     /// Handle one command line (CRLF included).
     pub fn handle(&mut self, line: &[u8], dir: &Directory) -> Action {
+        // RFC 5321 2.4: commands are text; a NUL or bytes that are not
+        // UTF-8 (RFC 6531 3.3) are never part of a valid one.
+        if line.contains(&0) {
+            return self.count_errors(reply(500, "5.5.2", "Error: NUL character in command"));
+        }
+        if std::str::from_utf8(line).is_err() {
+            return self.count_errors(reply(500, "5.5.2", "Error: bad UTF-8 syntax"));
+        }
+        let qualified = qualify_postmaster(line, || dir.postmaster(&self.limits.hostname));
+        let line = qualified.as_deref().unwrap_or(line);
         let parsed = Request::parse(&mut line.iter());
         if let Some(why) = &self.refused {
             if !matches!(parsed, Ok(Request::Quit)) {
@@ -711,21 +721,12 @@ impl Session {
 
     fn rcpt(&mut self, to: smtp_proto::RcptTo<String>, dir: &Directory) -> Action {
         let full = self.full_mailboxes.clone();
-        let hostname = self.limits.hostname.clone();
         let may_relay = self.may_relay || self.auth_user.is_some();
         let max = self.limits.max_recipients;
         let Some(tx) = self.tx.as_mut() else {
             return reply(503, "5.5.1", "Need MAIL before RCPT");
         };
-        // RFC 5321 4.5.1: <postmaster> without a domain must be accepted;
-        // it means the postmaster of this host's domain, or of the first
-        // domain served if the host name is not one.
-        let raw = if to.address.eq_ignore_ascii_case("postmaster") {
-            dir.postmaster(&hostname)
-        } else {
-            to.address
-        };
-        let Ok(address) = Address::parse(&raw) else {
+        let Ok(address) = Address::parse(&to.address) else {
             return reply(501, "5.1.3", "Bad recipient address syntax");
         };
         if !address.is_ascii() && !tx.params.smtputf8 {
@@ -857,6 +858,32 @@ fn reply(code: u16, enhanced: &'static str, text: impl Into<String>) -> Action {
 }
 
 /// Whether a command line has anything after its verb.
+/// `RCPT TO:<postmaster>` with the address of the postmaster `ours`
+/// gives. RFC 5321 4.5.1: the bare name must be accepted, and means the
+/// postmaster of this host's domain (or of the first one served);
+/// smtp-proto only parses addresses with a domain, so it is qualified
+/// before parsing.
+fn qualify_postmaster(line: &[u8], ours: impl FnOnce() -> String) -> Option<Vec<u8>> {
+    let prefix = b"RCPT TO:";
+    let head = line.get(..prefix.len())?;
+    if !head.eq_ignore_ascii_case(prefix) {
+        return None;
+    }
+    let rest = &line[prefix.len()..];
+    let spaces = rest.iter().take_while(|b| **b == b' ').count();
+    let name = b"<postmaster>";
+    let candidate = rest.get(spaces..spaces + name.len())?;
+    if !candidate.eq_ignore_ascii_case(name) {
+        return None;
+    }
+    let mut out = line[..prefix.len() + spaces].to_vec();
+    out.push(b'<');
+    out.extend_from_slice(ours().as_bytes());
+    out.push(b'>');
+    out.extend_from_slice(&rest[spaces + name.len()..]);
+    Some(out)
+}
+
 fn has_argument(line: &[u8]) -> bool {
     line.split(|b| b.is_ascii_whitespace())
         .filter(|w| !w.is_empty())

@@ -465,7 +465,12 @@ fn added_headers(header: &[u8], config: &Config, own: &str, full_name: &str) -> 
         if full_name.is_empty() {
             out.push_str(&format!("From: {own}\n"));
         } else {
-            let quoted = full_name.replace(['\\', '"'], "");
+            // The name goes into a header: no line ends, no control
+            // characters (RFC 5322 3.2.4 qcontent), no quote or backslash.
+            let quoted: String = full_name
+                .chars()
+                .filter(|c| !c.is_control() && !matches!(c, '\\' | '"'))
+                .collect();
             out.push_str(&format!("From: \"{quoted}\" <{own}>\n"));
         }
     }
