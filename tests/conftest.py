@@ -183,15 +183,21 @@ class Mailsrv:
     With `spool_tmpfs` (a tmpfs size such as "300k") the supervisor runs in
     its own user+mount namespace (no root needed) with a tmpfs of that size
     mounted on the spool directory; only processes in that namespace see
-    it, so the tests look at it through /proc/<pid>/root (`spool_view`)."""
+    it, so the tests look at it through /proc/<pid>/root (`spool_view`).
+    `mail_root_tmpfs` does the same for the mail store (`mail_view`); the
+    Maildirs made before the start (add_user) are copied onto it. As root
+    the namespace is a mount namespace only, so a privileged installation's
+    daemons can still become their users."""
 
     def __init__(self, root: Path, port_base: int, spool_tmpfs: str | None = None,
-                 privileged: bool = False, hostname: str = HOSTNAME, domain: str = DOMAIN):
+                 privileged: bool = False, hostname: str = HOSTNAME, domain: str = DOMAIN,
+                 mail_root_tmpfs: str | None = None):
         self.root = root
         # privileged: `mailctl init` without --single-user, so that when the
         # tests run as root the daemons drop to the system users.
         self.privileged = privileged
         self.spool_tmpfs = spool_tmpfs
+        self.mail_root_tmpfs = mail_root_tmpfs
         self.port_base = port_base
         self.smtp_port = port_base + 25
         self.config_path = root / "mailsrv.toml"
@@ -330,14 +336,28 @@ class Mailsrv:
 
     def start_command(self) -> list[str]:
         """`mailctl start --foreground`, wrapped in unshare + mount when the
-        spool is to be a tmpfs. Every wrapper execs, so the pid we start
-        stays the supervisor's."""
+        spool or the mail store is to be a tmpfs. Every wrapper execs, so
+        the pid we start stays the supervisor's."""
         command = [str(MAILCTL), "-c", str(self.config_path), "start", "--foreground"]
-        if self.spool_tmpfs is None:
+        if self.spool_tmpfs is None and self.mail_root_tmpfs is None:
             return command
-        script = 'mount -t tmpfs -o "size=$1" tmpfs "$2" && shift 2 && exec "$@"'
-        return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script,
-                "sh", self.spool_tmpfs, str(self.spool_dir), *command]
+        # $1 $2: spool size and directory; $3 $4: mail store size and
+        # directory (an empty size: no tmpfs there). What the mail store
+        # already holds (the Maildirs of add_user) is copied aside, then
+        # onto its tmpfs (`mount --move` fails in a user namespace).
+        script = (
+            'set -e; '
+            'if [ -n "$1" ]; then mount -t tmpfs -o "size=$1" tmpfs "$2"; fi; '
+            'if [ -n "$3" ]; then '
+            '  stage=$(mktemp -d); cp -a "$4/." "$stage/"; '
+            '  mount -t tmpfs -o "size=$3" tmpfs "$4"; '
+            '  cp -a "$stage/." "$4/"; chmod --reference="$stage" "$4"; rm -rf "$stage"; '
+            'fi; '
+            'shift 4; exec "$@"')
+        namespace = ["--mount"] if os.geteuid() == 0 else ["--user", "--map-root-user", "--mount"]
+        return ["unshare", *namespace, "sh", "-c", script, "sh",
+                self.spool_tmpfs or "", str(self.spool_dir),
+                self.mail_root_tmpfs or "", str(self.mail_root), *command]
 
     def start(self) -> None:
         """`mailctl start --foreground` in a new session; wait for port 25."""
@@ -472,6 +492,13 @@ class Mailsrv:
             return self.spool_dir
         assert self.running, "the tmpfs spool exists only while mailsrv runs"
         return Path(f"/proc/{self.proc.pid}/root") / self.spool_dir.relative_to("/")
+
+    def mail_view(self) -> Path:
+        """The mail store (mail_root) as the daemons see it."""
+        if self.mail_root_tmpfs is None:
+            return self.mail_root
+        assert self.running, "the tmpfs mail store exists only while mailsrv runs"
+        return Path(f"/proc/{self.proc.pid}/root") / self.mail_root.relative_to("/")
 
     def spool_files(self) -> dict[str, list[str]]:
         """{subdirectory: file names} for every non-empty spool subdirectory."""
@@ -618,8 +645,11 @@ class Mailsrv:
         return message
 
     def maildir(self, addr: str) -> Path:
+        """addr's Maildir as the daemons see it (on the mail store's tmpfs
+        while one is mounted)."""
         local, _, domain = addr.rpartition("@")
-        return self.mail_root / domain.lower() / local.lower()
+        base = self.mail_view() if self.mail_root_tmpfs and self.running else self.mail_root
+        return base / domain.lower() / local.lower()
 
     def messages(self, addr: str) -> list[Path]:
         new = self.maildir(addr) / "new"
@@ -772,13 +802,14 @@ def make_scripted_smtp():
 @pytest.fixture
 def make_mailsrv(tmp_path: Path, request: pytest.FixtureRequest, dns_server: DNSServer):
     """Factory: make_mailsrv(config={"smtpd.max_errors": 3}, start=True,
-    spool_tmpfs=None, users=(), wait_for_imap=False, hostname=HOSTNAME,
-    domain=DOMAIN) initialises an installation (`mailctl init --hostname
+    spool_tmpfs=None, mail_root_tmpfs=None, users=(), wait_for_imap=False,
+    hostname=HOSTNAME, domain=DOMAIN) initialises an installation (`mailctl init --hostname
     --domain`), points its `dns.servers` at the session's DNS server,
     applies the config values (which may override that) and adds the users
     (each with a fresh password, kept in srv.passwords) before the first
     start, and (by default) starts it; spool_tmpfs="300k" runs it with a
-    tmpfs of that size on its spool (see Mailsrv); wait_for_imap makes every
+    tmpfs of that size on its spool, mail_root_tmpfs on its mail store (see
+    Mailsrv); wait_for_imap makes every
     start wait for the IMAP and IMAPS greetings too.
 
     make_mailsrv(existing=DIR) takes over the installation already in DIR
@@ -808,7 +839,8 @@ def make_mailsrv(tmp_path: Path, request: pytest.FixtureRequest, dns_server: DNS
         return tmp_path / f"inst{next(roots_made)}"
 
     def make(config: dict[str, Any] | None = None, start: bool = True,
-             spool_tmpfs: str | None = None, users: Iterable[str] = (),
+             spool_tmpfs: str | None = None, mail_root_tmpfs: str | None = None,
+             users: Iterable[str] = (),
              wait_for_imap: bool = False, privileged: bool | None = None,
              hostname: str = HOSTNAME, domain: str = DOMAIN,
              existing: Path | None = None) -> Mailsrv:
@@ -823,7 +855,8 @@ def make_mailsrv(tmp_path: Path, request: pytest.FixtureRequest, dns_server: DNS
             privileged = PRIVILEGED_BY_DEFAULT
         if existing is None:
             root = new_root(privileged)
-        srv = Mailsrv(root, free_port_base(), spool_tmpfs, privileged, hostname, domain)
+        srv = Mailsrv(root, free_port_base(), spool_tmpfs, privileged, hostname, domain,
+                      mail_root_tmpfs)
         made.append(srv)
         srv.wait_for_imap = wait_for_imap
         if existing is not None:

@@ -72,6 +72,12 @@ enum Incoming {
     },
     /// A literal refused for its size: `tag NO [TOOBIG]`.
     TooBig(Option<String>),
+    /// A non-synchronizing literal so far over the limit that reading
+    /// past it is not worth it: `tag BAD [TOOBIG]`, then the connection
+    /// closes (RFC 7888 4 leaves the server that choice).
+    TooBigToSkip(Option<String>),
+    /// APPEND's message could not be stored (a full disk): `tag NO`.
+    NotStored(Option<String>),
     /// A line over the limit: `tag BAD`.
     TooLong(Option<String>),
     Eof,
@@ -228,6 +234,22 @@ impl ImapServer {
                     session
                         .out
                         .line(&format!("{tag} NO [TOOBIG] Literal too big"));
+                    continue;
+                }
+                Ok(Ok(Incoming::TooBigToSkip(tag))) => {
+                    let tag = tag.unwrap_or_else(|| "*".into());
+                    session
+                        .out
+                        .line(&format!("{tag} BAD [TOOBIG] Literal far too big"));
+                    session.out.line("* BYE Closing: the literal is not read");
+                    return close(io, &mut session.out).await;
+                }
+                Ok(Ok(Incoming::NotStored(tag))) => {
+                    let tag = tag.unwrap_or_else(|| "*".into());
+                    // RFC 9051 7.1: OVERQUOTA also covers a full disk.
+                    session
+                        .out
+                        .line(&format!("{tag} NO [OVERQUOTA] Not enough disk space"));
                     continue;
                 }
                 Ok(Ok(Incoming::TooLong(tag))) => {
@@ -484,8 +506,12 @@ async fn read_command<S: AsyncRead + AsyncWrite + Unpin>(
         if length > limit || (!is_append && message.len() + length as usize > MAX_COMMAND) {
             let tag = tag();
             if !sync {
-                // RFC 7888 4: the bytes come anyway; read past them and the
-                // rest of the command.
+                // RFC 7888 4: the bytes come anyway. A literal a little
+                // over is read past (the session goes on); one far over
+                // would tie the connection up for nothing.
+                if length > limit.saturating_mul(2).max(MAX_COMMAND as u64) {
+                    return Ok(Incoming::TooBigToSkip(tag));
+                }
                 skip(io, length).await?;
                 skip_rest_of_command(io).await?;
             }
@@ -505,18 +531,38 @@ async fn read_command<S: AsyncRead + AsyncWrite + Unpin>(
                 APPEND_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             ));
             let guard = SpooledLiteral(path);
-            let mut file = tokio::task::block_in_place(|| std::fs::File::create(&guard.0))?;
+            let mut file = match tokio::task::block_in_place(|| std::fs::File::create(&guard.0)) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!("imap APPEND: cannot store the message: {e}");
+                    skip(io, length).await?;
+                    skip_rest_of_command(io).await?;
+                    return Ok(Incoming::NotStored(tag()));
+                }
+            };
             appended = Some(guard);
             let mut remaining = length;
             let mut buf = vec![0u8; 64 * 1024];
+            let mut write_error = None;
             while remaining > 0 {
                 let want = buf.len().min(remaining as usize);
                 let n = io.read(&mut buf[..want]).await?;
                 if n == 0 {
                     return Ok(Incoming::Eof);
                 }
-                tokio::task::block_in_place(|| std::io::Write::write_all(&mut file, &buf[..n]))?;
+                if write_error.is_none() {
+                    let written = tokio::task::block_in_place(|| {
+                        std::io::Write::write_all(&mut file, &buf[..n])
+                    });
+                    write_error = written.err();
+                }
                 remaining -= n as u64;
+            }
+            // The client sent it all: the session can answer and go on.
+            if let Some(e) = write_error {
+                tracing::warn!("imap APPEND: cannot store the message: {e}");
+                skip_rest_of_command(io).await?;
+                return Ok(Incoming::NotStored(tag()));
             }
             // Keep an empty literal in the command for the parser.
             message.truncate(start_of_line + announcement_start(&line));

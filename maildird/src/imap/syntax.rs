@@ -279,7 +279,9 @@ pub fn split_search_return(message: &[u8]) -> Result<Option<(SearchReturn, Vec<u
     if matches!(name, Some(Token::Atom(a)) if a.eq_ignore_ascii_case(b"UID")) {
         name = t.next_token()?;
     }
-    debug_assert!(matches!(name, Some(Token::Atom(_))));
+    if !matches!(name, Some(Token::Atom(_))) {
+        return Err(SyntaxError("expected a tag and a command name"));
+    }
     let start = t.position();
     match t.next_token()? {
         Some(Token::Atom(a)) if a.eq_ignore_ascii_case(b"RETURN") => {}
@@ -502,6 +504,9 @@ mod tests {
             .unwrap();
         assert!(r.save && !r.all);
         assert!(split_search_return(b"a SEARCH RETURN (FOO) ALL\r\n").is_err());
+        // Found by fuzz/imap_command: no command at all.
+        assert!(split_search_return(b"").is_err());
+        assert!(split_search_return(b"a").is_err());
     }
 
     #[test]

@@ -27,8 +27,8 @@ pub enum PassResult {
     Deferred { next_try: u64 },
     /// The entry could not be read; it was moved to `corrupt/`.
     Corrupt,
-    /// The spool itself failed; the entry stays in `active/` for the next
-    /// start's recovery.
+    /// The spool itself failed (a full disk); the entry stays in `active/`
+    /// and is tried again after the shortest back-off.
     Stuck,
 }
 

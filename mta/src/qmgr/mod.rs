@@ -90,6 +90,8 @@ struct Scheduler {
     in_flight: HashSet<String>,
     /// Deferred entries and when they are due.
     deferred: HashMap<String, u64>,
+    /// Entries left in `active/` by a spool failure, and when to try again.
+    stuck: HashMap<String, u64>,
     done_tx: mpsc::UnboundedSender<(String, PassResult)>,
 }
 
@@ -123,9 +125,27 @@ impl Scheduler {
         }
     }
 
-    /// Move due deferred entries to `active/` and start them.
+    /// Move due deferred entries to `active/` and start them, and start
+    /// again the stuck ones that are due.
     fn take_due(&mut self) {
         let now = unix_now();
+        let stuck: Vec<String> = self
+            .stuck
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stuck {
+            self.stuck.remove(&id);
+            if self
+                .ctx
+                .spool
+                .envelope_path(QueueState::Active, &id)
+                .exists()
+            {
+                self.start(id);
+            }
+        }
         let due: Vec<String> = self
             .deferred
             .iter()
@@ -169,8 +189,16 @@ impl Scheduler {
             self.activate(id);
             return;
         }
-        if let PassResult::Deferred { next_try } = result {
-            self.deferred.insert(id, next_try);
+        match result {
+            PassResult::Deferred { next_try } => {
+                self.deferred.insert(id, next_try);
+            }
+            // The spool failed under the pass (a full disk): the entry is
+            // still in active/, tried again after the shortest back-off.
+            PassResult::Stuck => {
+                self.stuck.insert(id, unix_now() + self.ctx.min_backoff);
+            }
+            PassResult::Finished | PassResult::Corrupt => {}
         }
     }
 
@@ -179,6 +207,7 @@ impl Scheduler {
         let now = unix_now();
         self.deferred
             .values()
+            .chain(self.stuck.values())
             .min()
             .map(|t| Duration::from_secs(t.saturating_sub(now)))
             .unwrap_or(Duration::from_secs(3600))
@@ -216,6 +245,7 @@ pub async fn run(
         ctx: ctx.clone(),
         in_flight: HashSet::new(),
         deferred,
+        stuck: HashMap::new(),
         done_tx,
     };
     tokio::task::block_in_place(|| pickup::pickup_all(&ctx));
