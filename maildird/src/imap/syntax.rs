@@ -74,6 +74,13 @@ impl<'a> Tokens<'a> {
                     }
                     self.pos += 1;
                 }
+                // A control character starts no token: without this the
+                // caller would get an empty atom forever (found by
+                // fuzz/imap_command: `A LIST (\x08` looped until memory
+                // ran out).
+                if self.pos == start {
+                    return Err(SyntaxError("control character in command"));
+                }
                 Ok(Some(Token::Atom(&self.bytes[start..self.pos])))
             }
         }
@@ -504,6 +511,9 @@ mod tests {
             .unwrap();
         assert!(r.save && !r.all);
         assert!(split_search_return(b"a SEARCH RETURN (FOO) ALL\r\n").is_err());
+        // Found by fuzz/imap_command: a control character in a list.
+        assert!(parse_list(b"A((\x08").is_err());
+        assert!(parse_list(b"a LIST (\x01) \"\" *\r\n").is_err());
         // Found by fuzz/imap_command: no command at all.
         assert!(split_search_return(b"").is_err());
         assert!(split_search_return(b"a").is_err());
