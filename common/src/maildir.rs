@@ -278,10 +278,21 @@ fn unique_name(hostname: &str) -> String {
 /// report) that a message file name records in its `,W=` field (ours and
 /// Dovecot's), if it does.
 pub fn crlf_size_from_name(file_name: &str) -> Option<u64> {
+    name_field(file_name, "W=")
+}
+
+/// The size on disk that a message file name records in its `,S=` field
+/// (Maildir++), if it does.
+pub fn size_from_name(file_name: &str) -> Option<u64> {
+    name_field(file_name, "S=")
+}
+
+/// A number field (`S=`, `W=`) of a message file name, before the flags.
+fn name_field(file_name: &str, field: &str) -> Option<u64> {
     let base = file_name.split(':').next().unwrap_or(file_name);
     base.split(',')
-        .find_map(|f| f.strip_prefix("W="))
-        .and_then(|w| w.parse().ok())
+        .find_map(|f| f.strip_prefix(field))
+        .and_then(|v| v.parse().ok())
 }
 
 /// The size with CRLF line ends of the message file at `path`: from its

@@ -98,7 +98,7 @@ pub fn usage(maildir: &Path) -> io::Result<Usage> {
             };
             for entry in entries.flatten() {
                 let name = entry.file_name();
-                let size = match size_in_name(&name.to_string_lossy()) {
+                let size = match crate::maildir::size_from_name(&name.to_string_lossy()) {
                     Some(s) => s,
                     None => match entry.metadata() {
                         Ok(m) => m.len(),
@@ -112,14 +112,6 @@ pub fn usage(maildir: &Path) -> io::Result<Usage> {
         }
     }
     Ok(usage)
-}
-
-/// The `,S=<bytes>` of a Maildir file name.
-pub fn size_in_name(name: &str) -> Option<u64> {
-    let base = name.split_once(':').map_or(name, |(b, _)| b);
-    base.split(',')
-        .find_map(|part| part.strip_prefix("S="))
-        .and_then(|s| s.parse().ok())
 }
 
 /// The mailboxes qmgr found full: `<spool>/full-mailboxes`, one address a

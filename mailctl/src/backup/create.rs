@@ -715,7 +715,7 @@ fn estimate(maildirs: &[(String, Option<PathBuf>)]) -> (u64, u64) {
                 for entry in entries.flatten() {
                     let name = entry.file_name().to_string_lossy().into_owned();
                     messages += 1;
-                    bytes += common::quota::size_in_name(&name).unwrap_or(0);
+                    bytes += common::maildir::size_from_name(&name).unwrap_or(0);
                 }
             }
         }
