@@ -23,8 +23,14 @@ command -v zstd >/dev/null || missing+=(zstd)
 # /usr/sbin, which a normal user's PATH lacks.
 command -v clamd >/dev/null || [ -x /usr/sbin/clamd ] || missing+=(clamav-daemon)
 command -v spamd >/dev/null || [ -x /usr/sbin/spamd ] || missing+=(spamd)
+# The benchmark's smoke test (tests/test_bench_compare.py) runs the same
+# load against Postfix and Dovecot (bench/compare.sh).
+[ -x /usr/sbin/postfix ] || missing+=(postfix)
+[ -x /usr/lib/dovecot/pop3 ] || missing+=(dovecot-pop3d)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  # Postfix's package instance stays unconfigured and off.
+  echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi

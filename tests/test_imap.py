@@ -313,6 +313,20 @@ def test_wrong_password_and_unknown_user(srv, how):
         select(client)
 
 
+def test_a_changed_password_ends_the_remembered_login(srv):
+    """A right password is remembered (maildird.limits.login_cache_ttl) so
+    the next logins skip Argon2; a password change must end that at once."""
+    old = srv.passwords[ALICE]
+    for _ in range(3):   # the first checks in full, the next ones hit the cache
+        with srv.imaps() as client:
+            imap_ok(client.login(ALICE, old))
+    srv.ctl("user", "passwd", ALICE, input="a brand new password\n")
+    with srv.imaps() as client:
+        assert b"[AUTHENTICATIONFAILED]" in login_refusal(client, ALICE, old)
+        imap_ok(client.login(ALICE, "a brand new password"))
+    srv.passwords[ALICE] = "a brand new password"
+
+
 def test_failed_logins_are_throttled(make_mailsrv):
     srv = make_mailsrv(config={"maildird.limits.max_auth_failures": 3},
                        users=[ALICE, BOB], wait_for_imap=True)

@@ -11,6 +11,7 @@ pub mod domains;
 pub mod flags;
 pub mod logging;
 pub mod login;
+pub mod login_cache;
 pub mod mailbox_name;
 pub mod maildir;
 pub mod maildrop;

@@ -8,11 +8,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::address::Address;
+use crate::login_cache::LoginCache;
 use crate::recipients::DirectoryCache;
 use crate::throttle::AuthThrottle;
 
-/// The failure counters of one daemon, and the bound on password checks
-/// running at once.
+/// The failure counters of one daemon, the bound on password checks
+/// running at once, and the passwords checked lately.
 pub struct LoginThrottle {
     clients: AuthThrottle<IpAddr>,
     accounts: AuthThrottle<String>,
@@ -23,6 +24,7 @@ pub struct LoginThrottle {
     /// limit does not apply, so failures an attacker causes elsewhere do
     /// not lock the owner out.
     recent: Mutex<HashMap<(IpAddr, String), Instant>>,
+    verified: LoginCache,
 }
 
 /// How long a successful login exempts its address from the account's
@@ -34,14 +36,21 @@ const MAX_RECENT: usize = 65_536;
 
 impl LoginThrottle {
     /// Refuse logins from a client address after `per_client` failures, and
-    /// for an account after `per_account` failures, within `window`.
-    pub fn new(per_client: u32, per_account: u32, window: Duration) -> LoginThrottle {
+    /// for an account after `per_account` failures, within `window`; a
+    /// right password is not checked again for `cache_ttl`.
+    pub fn new(
+        per_client: u32,
+        per_account: u32,
+        window: Duration,
+        cache_ttl: Duration,
+    ) -> LoginThrottle {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         LoginThrottle {
             clients: AuthThrottle::new(per_client, window),
             accounts: AuthThrottle::new(per_account, window),
             checks: tokio::sync::Semaphore::new(cores * 2),
             recent: Mutex::new(HashMap::new()),
+            verified: LoginCache::new(cache_ttl),
         }
     }
 
@@ -96,12 +105,27 @@ pub async fn check_password(
     if let Some(e) = stale {
         tracing::error!("keeping previous tables: {e}");
     }
-    let name = user.to_string();
-    let _permit = throttle.checks.acquire().await;
-    // Argon2 is slow on purpose: off the async threads.
-    let ok = tokio::task::spawn_blocking(move || dir.users.authenticate(&name, &password))
-        .await
-        .unwrap_or(false);
+    let stored = dir.users.password_hash(user).map(str::to_string);
+    let cached = stored
+        .as_deref()
+        .is_some_and(|h| throttle.verified.knows(&account, h, &password));
+    let ok = cached || {
+        let name = user.to_string();
+        let _permit = throttle.checks.acquire().await;
+        // Argon2 is slow on purpose: off the async threads.
+        let checked = tokio::task::spawn_blocking(move || {
+            let ok = dir.users.authenticate(&name, &password);
+            (ok, password)
+        })
+        .await;
+        match (checked, &stored) {
+            (Ok((true, password)), Some(h)) => {
+                throttle.verified.remember(&account, h, &password);
+                true
+            }
+            _ => false,
+        }
+    };
     match Address::parse(user).ok().filter(|_| ok) {
         Some(address) => {
             throttle.remember(ip, account);
@@ -150,7 +174,7 @@ mod tests {
 
     #[test]
     fn a_known_address_escapes_the_account_limit() {
-        let t = LoginThrottle::new(10, 1, Duration::from_secs(60));
+        let t = LoginThrottle::new(10, 1, Duration::from_secs(60), Duration::ZERO);
         let home: IpAddr = "192.0.2.1".parse().unwrap();
         let elsewhere: IpAddr = "198.51.100.7".parse().unwrap();
         t.remember(home, "alice@a.test".into());

@@ -20,6 +20,9 @@ pub trait UserDirectory: Send + Sync {
     fn exists(&self, address: &Address) -> bool;
     /// Whether `password` is right for `user`.
     fn authenticate(&self, user: &str, password: &str) -> bool;
+    /// `user`'s stored password hash, which changes when the password
+    /// does (what the login cache is tied to).
+    fn password_hash(&self, user: &str) -> Option<&str>;
     /// The storage limit of `address`'s mailbox in bytes, if it has one.
     fn quota(&self, address: &Address) -> Option<u64>;
 }
@@ -172,6 +175,10 @@ impl UserDirectory for UserDb {
     fn authenticate(&self, user: &str, password: &str) -> bool {
         self.get(user)
             .is_some_and(|u| password::verify_password(&u.hash, password).unwrap_or(false))
+    }
+
+    fn password_hash(&self, user: &str) -> Option<&str> {
+        self.get(user).map(|u| u.hash.as_str())
     }
 
     fn quota(&self, address: &Address) -> Option<u64> {

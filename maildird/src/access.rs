@@ -58,6 +58,7 @@ impl Access {
             limits.max_auth_failures,
             limits.max_account_auth_failures,
             Duration::from_secs(limits.auth_failure_window),
+            Duration::from_secs(limits.login_cache_ttl),
         );
         Access {
             settings: RwLock::new(Arc::new(Settings { config, tls })),

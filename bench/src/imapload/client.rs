@@ -1,9 +1,10 @@
 //! A minimal IMAP client for load: tagged commands, responses read whole
 //! (literals included) and counted.
 
+use crate::stream::{connect, Stream};
+use crate::tls::TlsClient;
 use anyhow::{bail, Context, Result};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 
 /// What a command's response held.
 #[derive(Debug, Default)]
@@ -16,20 +17,22 @@ pub struct Response {
 }
 
 pub struct Client {
-    io: BufReader<TcpStream>,
+    io: BufReader<Stream>,
     next_tag: u64,
+    /// Every SEARCH response's numbers, counted.
+    pub search_hits: u64,
 }
 
 impl Client {
-    /// Connect and read the greeting.
-    pub async fn connect(server: &str) -> Result<Client> {
-        let stream = TcpStream::connect(server)
-            .await
-            .with_context(|| format!("connecting to {server}"))?;
-        stream.set_nodelay(true)?;
+    /// Connect (with TLS from the start when `tls` is given) and read the
+    /// greeting. `buffer` is the read buffer's capacity: small for many
+    /// idle connections, large for bulk fetches.
+    pub async fn connect(server: &str, tls: Option<&TlsClient>, buffer: usize) -> Result<Client> {
+        let stream = connect(server, tls).await?;
         let mut c = Client {
-            io: BufReader::with_capacity(256 * 1024, stream),
+            io: BufReader::with_capacity(buffer, stream),
             next_tag: 1,
+            search_hits: 0,
         };
         let mut line = Vec::new();
         c.io.read_until(b'\n', &mut line).await?;
@@ -64,6 +67,7 @@ impl Client {
             .get_mut()
             .write_all(format!("{tag} IDLE\r\n").as_bytes())
             .await?;
+        self.io.get_mut().flush().await?;
         let mut line = Vec::new();
         loop {
             line.clear();
@@ -87,6 +91,7 @@ impl Client {
             .get_mut()
             .write_all(format!("{tag} {command}\r\n").as_bytes())
             .await?;
+        self.io.get_mut().flush().await?;
         let mut r = Response::default();
         let mut line = Vec::new();
         let mut literal = Vec::new();
@@ -107,8 +112,12 @@ impl Client {
                 r.untagged += 1;
                 let text = String::from_utf8_lossy(&line);
                 let mut words = text.split_whitespace().skip(1);
-                if let (Some(n), Some("EXISTS")) = (words.next(), words.next()) {
-                    r.exists = n.parse().ok();
+                match (words.next(), words.next()) {
+                    (Some(n), Some("EXISTS")) => r.exists = n.parse().ok(),
+                    (Some("SEARCH"), next) => {
+                        self.search_hits += next.map_or(0, |_| 1) + words.count() as u64;
+                    }
+                    _ => {}
                 }
             }
             // A line ending in {n} announces n octets of literal.

@@ -211,6 +211,11 @@ pub struct SmtpdConfig {
     /// Seconds over which failed authentications are counted.
     #[serde(default = "default_auth_failure_window")]
     pub auth_failure_window: u64,
+    /// Seconds a right password is remembered (a keyed digest of it, in
+    /// memory), so the same client logging in again skips the slow hash;
+    /// 0 checks every login in full.
+    #[serde(default = "default_login_cache_ttl")]
+    pub login_cache_ttl: u64,
     /// Write the authenticated user's name into the `Received:` header
     /// (otherwise only the fact of authentication, as `with ESMTPSA`).
     #[serde(default)]
@@ -476,6 +481,11 @@ pub struct AccessLimits {
     /// Seconds over which failed logins are counted.
     #[serde(default = "default_auth_failure_window")]
     pub auth_failure_window: u64,
+    /// Seconds a right password is remembered (a keyed digest of it, in
+    /// memory), so the same client logging in again skips the slow hash;
+    /// 0 checks every login in full.
+    #[serde(default = "default_login_cache_ttl")]
+    pub login_cache_ttl: u64,
 }
 
 impl Default for AccessLimits {
@@ -487,6 +497,7 @@ impl Default for AccessLimits {
             max_auth_failures: default_max_auth_failures(),
             max_account_auth_failures: default_max_account_auth_failures(),
             auth_failure_window: default_auth_failure_window(),
+            login_cache_ttl: default_login_cache_ttl(),
         }
     }
 }
@@ -502,6 +513,10 @@ fn default_max_auth_failures() -> u32 {
 }
 fn default_auth_failure_window() -> u64 {
     300
+}
+/// Dovecot's auth_cache_ttl default: an hour.
+fn default_login_cache_ttl() -> u64 {
+    3600
 }
 
 /// TLS material.

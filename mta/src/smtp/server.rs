@@ -112,6 +112,7 @@ impl Server {
             s.max_auth_failures,
             s.max_account_auth_failures,
             Duration::from_secs(s.auth_failure_window),
+            Duration::from_secs(s.login_cache_ttl),
         );
         let greylist = Arc::new(Greylist::load(&spool.greylist_path()));
         let full_mailboxes = Arc::new(FullMailboxesView::new(&config.paths.spool));
