@@ -263,6 +263,14 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// An envelope written and fsynced under `tmp/`, not yet queued.
+#[derive(Debug)]
+#[must_use = "publish or unstage it"]
+pub struct StagedEnvelope {
+    tmp: PathBuf,
+    id: String,
+}
+
 /// The spool directory.
 #[derive(Debug, Clone)]
 pub struct Spool {
@@ -332,12 +340,44 @@ impl Spool {
         self.write_envelope_to(QueueState::Incoming, envelope, false)
     }
 
-    /// fsync `data/` and `incoming/`, making every committed entry durable.
+    /// The first half of [`Spool::commit`], which may run while the data
+    /// file is being fsynced: write and fsync the envelope under `tmp/`.
+    /// [`Spool::publish`] then moves it into `incoming/`, once the data is
+    /// durable, so no envelope ever names data a crash could lose.
+    pub fn stage_envelope(&self, envelope: &Envelope) -> Result<StagedEnvelope, SpoolError> {
+        let tmp = self.write_envelope_tmp(envelope)?;
+        Ok(StagedEnvelope {
+            tmp,
+            id: envelope.id.clone(),
+        })
+    }
+
+    /// The second half of [`Spool::commit`]: rename a staged envelope into
+    /// `incoming/` (then [`Spool::sync_new_entries`] as after `commit`).
+    pub fn publish(&self, staged: StagedEnvelope) -> Result<(), SpoolError> {
+        let dest = self.envelope_path(QueueState::Incoming, &staged.id);
+        std::fs::rename(&staged.tmp, &dest).map_err(io_err(&dest))
+    }
+
+    /// Remove a staged envelope that will not be published.
+    pub fn unstage(&self, staged: StagedEnvelope) {
+        let _ = std::fs::remove_file(&staged.tmp);
+    }
+
+    /// fsync `data/` and `incoming/` (at once, from two threads: each is a
+    /// journal commit's wait), making every committed entry durable.
     pub fn sync_new_entries(&self) -> Result<(), SpoolError> {
         let data = self.data_dir();
-        safeio::sync_dir(&data).map_err(io_err(&data))?;
         let inc = self.dir(QueueState::Incoming);
-        safeio::sync_dir(&inc).map_err(io_err(&inc))
+        std::thread::scope(|scope| {
+            let data_synced = scope.spawn(|| safeio::sync_dir(&data));
+            let inc_synced = safeio::sync_dir(&inc).map_err(io_err(&inc));
+            let data_synced = data_synced
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("fsync thread panicked")));
+            data_synced.map_err(io_err(&data))?;
+            inc_synced
+        })
     }
 
     /// Remove the data file of a message that was not queued.
@@ -356,6 +396,17 @@ impl Spool {
         envelope: &Envelope,
         sync_dir: bool,
     ) -> Result<(), SpoolError> {
+        let tmp = self.write_envelope_tmp(envelope)?;
+        let dest = self.envelope_path(state, &envelope.id);
+        std::fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
+        if sync_dir {
+            safeio::sync_parent(&dest).map_err(io_err(&dest))?;
+        }
+        Ok(())
+    }
+
+    /// Write and fsync `envelope` as `tmp/<id>.env`; its path.
+    fn write_envelope_tmp(&self, envelope: &Envelope) -> Result<PathBuf, SpoolError> {
         let tmp = self.root.join("tmp").join(format!("{}.env", envelope.id));
         let json = serde_json::to_vec(envelope).expect("envelopes always serialize");
         let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
@@ -364,12 +415,7 @@ impl Spool {
             let _ = std::fs::remove_file(&tmp);
             return Err(io_err(&tmp)(e));
         }
-        let dest = self.envelope_path(state, &envelope.id);
-        std::fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
-        if sync_dir {
-            safeio::sync_parent(&dest).map_err(io_err(&dest))?;
-        }
-        Ok(())
+        Ok(tmp)
     }
 
     /// The message file of `id`, opened for reading (a regular file only:
@@ -399,11 +445,12 @@ impl Spool {
     }
 
     /// Remove a finished message: the envelope first (so a crash leaves only
-    /// garbage data, never an envelope without data), then the data.
+    /// garbage data, never an envelope without data), then the data. No
+    /// fsync, as Postfix: a power failure may bring the envelope back,
+    /// and the message is then delivered twice, never lost.
     pub fn remove(&self, id: &str, state: QueueState) -> Result<(), SpoolError> {
         let env = self.envelope_path(state, id);
         std::fs::remove_file(&env).map_err(io_err(&env))?;
-        safeio::sync_parent(&env).map_err(io_err(&env))?;
         let data = self.data_path(id);
         match std::fs::remove_file(&data) {
             Ok(()) => Ok(()),

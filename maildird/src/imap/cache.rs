@@ -21,8 +21,11 @@ use common::uidlist;
 use super::folder::MessageFile;
 
 /// How long after a directory change its mtime alone cannot be trusted
-/// to show a further change (file system timestamps are coarse).
-const MTIME_SLACK: Duration = Duration::from_secs(2);
+/// to show a further change: file systems stamp with a clock that ticks
+/// every few milliseconds (the kernel's coarse clock; twice its longest
+/// tick here), or, for those keeping whole seconds, every second or two.
+const FINE_MTIME_SLACK: Duration = Duration::from_millis(20);
+const COARSE_MTIME_SLACK: Duration = Duration::from_secs(2);
 /// Envelopes kept per folder; past this the folder's are dropped.
 const MAX_ENVELOPES: usize = 500_000;
 /// Folders kept; past this, those no session uses are dropped.
@@ -45,7 +48,9 @@ pub struct Snapshot {
 
 #[derive(Default)]
 struct FolderState {
-    snapshot: Option<(Arc<Snapshot>, [Option<SystemTime>; 2])>,
+    /// The snapshot, the directories' mtimes read before it was made, and
+    /// when they were read.
+    snapshot: Option<(Arc<Snapshot>, [Option<SystemTime>; 2], SystemTime)>,
     /// ENVELOPE responses by (base name, UTF-8 session).
     envelopes: HashMap<EnvelopeKey, Arc<[u8]>>,
     /// Whether the file was read.
@@ -58,6 +63,25 @@ struct FolderState {
 #[derive(Default)]
 pub struct FolderCache {
     folders: Mutex<HashMap<PathBuf, Arc<Mutex<FolderState>>>>,
+}
+
+/// Whether every mtime in `mtimes` was older than its file system's
+/// timestamp granularity at `read_at`. A time with nanoseconds comes from
+/// a file system with fine timestamps; whole seconds suggest coarse ones.
+fn settled(mtimes: &[Option<SystemTime>; 2], read_at: SystemTime) -> bool {
+    mtimes.iter().all(|m| {
+        m.is_some_and(|m| {
+            let fine = m
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .is_ok_and(|d| d.subsec_nanos() != 0);
+            let slack = if fine {
+                FINE_MTIME_SLACK
+            } else {
+                COARSE_MTIME_SLACK
+            };
+            read_at.duration_since(m).unwrap_or_default() >= slack
+        })
+    })
 }
 
 fn dir_mtimes(folder: &Path) -> [Option<SystemTime>; 2] {
@@ -83,13 +107,12 @@ impl FolderCache {
     pub fn snapshot(&self, folder: &Path) -> io::Result<Arc<Snapshot>> {
         let state = self.state(folder);
         let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
-        let mtimes = dir_mtimes(folder);
         let now = SystemTime::now();
-        let settled = mtimes
-            .iter()
-            .all(|m| m.is_some_and(|m| now.duration_since(m).unwrap_or_default() >= MTIME_SLACK));
-        if let Some((snapshot, seen)) = &state.snapshot {
-            if *seen == mtimes && settled {
+        let mtimes = dir_mtimes(folder);
+        if let Some((snapshot, seen, read_at)) = &state.snapshot {
+            // Unchanged mtimes prove an unchanged folder only if they were
+            // a tick old when read: a change after that gets a later one.
+            if *seen == mtimes && settled(&mtimes, *read_at) {
                 return Ok(snapshot.clone());
             }
         }
@@ -109,11 +132,11 @@ impl FolderCache {
         if state
             .snapshot
             .as_ref()
-            .is_some_and(|(old, _)| old.uid_validity != snapshot.uid_validity)
+            .is_some_and(|(old, _, _)| old.uid_validity != snapshot.uid_validity)
         {
             state.envelopes.clear();
         }
-        state.snapshot = Some((snapshot.clone(), mtimes));
+        state.snapshot = Some((snapshot.clone(), mtimes, now));
         Ok(snapshot)
     }
 
@@ -189,7 +212,7 @@ fn load_envelopes(folder: &Path, state: &mut FolderState) {
         state.envelopes.insert(key, Arc::from(envelope));
         rest = tail;
     }
-    let Some((snapshot, _)) = &state.snapshot else {
+    let Some((snapshot, _, _)) = &state.snapshot else {
         return;
     };
     let live: HashSet<&str> = snapshot.entries.iter().map(|e| e.base.as_str()).collect();
@@ -228,6 +251,22 @@ fn parse_record(bytes: &[u8]) -> Option<(EnvelopeKey, &[u8], &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mtimes_are_trusted_once_a_timestamp_tick_old() {
+        let at = |secs: u64, nanos: u32| Some(SystemTime::UNIX_EPOCH + Duration::new(secs, nanos));
+        let fine = [at(1_000, 5_000_000), at(990, 1)];
+        let read = |secs: u64, millis: u64| {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis)
+        };
+        assert!(!settled(&fine, read(1_000, 10)));
+        assert!(settled(&fine, read(1_000, 30)));
+        // Whole seconds: a file system that may stamp in 1 or 2 s steps.
+        let coarse = [at(1_000, 0), at(990, 0)];
+        assert!(!settled(&coarse, read(1_001, 500)));
+        assert!(settled(&coarse, read(1_002, 0)));
+        assert!(!settled(&[None, at(990, 1)], read(2_000, 0)));
+    }
 
     #[test]
     fn snapshot_is_reused_until_the_folder_changes() {

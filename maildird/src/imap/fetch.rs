@@ -22,6 +22,45 @@ pub fn load_message(path: &Path) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// The header block of the message file at `path`: its lines up to and
+/// including the blank one that ends the header (RFC 5322 2.1), or the
+/// whole file if it has none.
+pub fn load_header(path: &Path) -> io::Result<Vec<u8>> {
+    let mut file = std::fs::File::open(path)?;
+    let mut header = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = file.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(header);
+        }
+        // The blank line may straddle two reads: its first LF can be up
+        // to two octets back ("\n" "\r\n").
+        let from = header.len().saturating_sub(2);
+        header.extend_from_slice(&chunk[..n]);
+        if let Some(end) = header_end(&header, from) {
+            header.truncate(end);
+            return Ok(header);
+        }
+    }
+}
+
+/// Where the header in `bytes` ends (after its blank line, LF or CRLF),
+/// looking for the blank line from `from` on.
+fn header_end(bytes: &[u8], from: usize) -> Option<usize> {
+    if bytes.starts_with(b"\n") {
+        return Some(1);
+    }
+    if bytes.starts_with(b"\r\n") {
+        return Some(2);
+    }
+    memchr::memchr_iter(b'\n', &bytes[from..]).find_map(|i| match &bytes[from + i + 1..] {
+        [b'\n', ..] => Some(from + i + 2),
+        [b'\r', b'\n', ..] => Some(from + i + 3),
+        _ => None,
+    })
+}
+
 /// INTERNALDATE: the file's modification time (set by APPEND, else the
 /// delivery time), as Dovecot keeps it.
 pub fn internal_date(path: &Path) -> io::Result<i64> {
@@ -389,4 +428,35 @@ fn binary(loaded: &mut Loaded, part: &[u32]) -> Result<Option<Vec<u8>>, FetchErr
 /// session.
 pub fn marks_seen(m: &Message, items: &[MessageDataItemName]) -> bool {
     !m.has(SystemFlag::Seen) && items.iter().any(sets_seen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header_of(content: &[u8]) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        std::fs::write(&path, content).unwrap();
+        load_header(&path).unwrap()
+    }
+
+    #[test]
+    fn the_header_ends_at_the_blank_line_wherever_the_reads_split_it() {
+        assert_eq!(header_of(b"A: 1\nB: 2\n\nbody\n\nmore"), b"A: 1\nB: 2\n\n");
+        assert_eq!(header_of(b"A: 1\r\n\r\nbody"), b"A: 1\r\n\r\n");
+        assert_eq!(header_of(b"\nbody"), b"\n");
+        assert_eq!(header_of(b"A: 1\nno blank line"), b"A: 1\nno blank line");
+        // Blank lines straddling the 4096-octet reads, LF and CRLF.
+        for filler in [4092, 4093, 4094, 4095, 4096] {
+            for blank in [&b"\n\n"[..], b"\n\r\n"] {
+                let mut m = b"X: ".to_vec();
+                m.resize(filler, b'x');
+                m.extend_from_slice(blank);
+                let header_len = m.len();
+                m.extend_from_slice(b"the body\n\nstill the body\n");
+                assert_eq!(header_of(&m), m[..header_len], "{filler} {blank:?}");
+            }
+        }
+    }
 }

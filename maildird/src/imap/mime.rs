@@ -141,11 +141,7 @@ impl<'a> MessageView<'a> {
     /// RFC 2047 decoded, contains `needle` (case-insensitive); an empty
     /// needle matches when the field exists.
     pub fn header_contains(&self, name: &str, needle: &str) -> bool {
-        let needle = needle.to_lowercase();
-        fields(self.root().header()).any(|(field_name, field)| {
-            field_name.eq_ignore_ascii_case(name.as_bytes())
-                && decoded_value(field).to_lowercase().contains(&needle)
-        })
+        header_contains(self.root().header(), name, needle)
     }
 
     /// SEARCH BODY (RFC 9051 6.4.4): a text/* part, transfer encoding and
@@ -543,6 +539,16 @@ fn any_text(node: Node<'_>, needle: &str) -> bool {
         Kind::Leaf => matches!(&node.part.body,
             PartType::Text(t) | PartType::Html(t) if text && t.to_lowercase().contains(needle)),
     }
+}
+
+/// SEARCH HEADER on a header block alone (the message's first lines up
+/// to the blank one), so a header search need not read or parse bodies.
+pub fn header_contains(header: &[u8], name: &str, needle: &str) -> bool {
+    let needle = needle.to_lowercase();
+    fields(header).any(|(field_name, field)| {
+        field_name.eq_ignore_ascii_case(name.as_bytes())
+            && decoded_value(field).to_lowercase().contains(&needle)
+    })
 }
 
 /// The fields of a header (RFC 5322 2.2): each one's name and whole text,

@@ -7,9 +7,9 @@ use chrono::NaiveDate;
 use common::flags::SystemFlag;
 use imap_types::search::SearchKey;
 
-use super::fetch::{internal_date, load_message};
+use super::fetch::{internal_date, load_header, load_message};
 use super::folder::Message;
-use super::mime::MessageView;
+use super::mime::{self, MessageView};
 use super::sequence::NumberSet;
 
 /// Deepest nesting of NOT/OR/() evaluated; imap-codec already refuses
@@ -25,6 +25,8 @@ pub struct Candidate<'a> {
     pub largest_seq: u32,
     pub largest_uid: u32,
     content: Option<Vec<u8>>,
+    /// The header block alone, when only header keys needed the file.
+    header: Option<Vec<u8>>,
 }
 
 impl<'a> Candidate<'a> {
@@ -42,6 +44,7 @@ impl<'a> Candidate<'a> {
             largest_seq,
             largest_uid,
             content: None,
+            header: None,
         }
     }
 
@@ -50,6 +53,18 @@ impl<'a> Candidate<'a> {
             self.content = Some(load_message(&self.message.path(self.folder))?);
         }
         Ok(self.content.as_deref().unwrap_or_default())
+    }
+
+    /// The header block: from the whole message if it was read, else the
+    /// file's first lines only.
+    fn header_block(&mut self) -> io::Result<&[u8]> {
+        if let Some(content) = &self.content {
+            return Ok(content);
+        }
+        if self.header.is_none() {
+            self.header = Some(load_header(&self.message.path(self.folder))?);
+        }
+        Ok(self.header.as_deref().unwrap_or_default())
     }
 
     fn with_view<T>(&mut self, f: impl FnOnce(&MessageView) -> T) -> io::Result<T> {
@@ -153,5 +168,5 @@ fn has_keyword(c: &Candidate, keyword: &str) -> bool {
 }
 
 fn header(c: &mut Candidate, name: &str, needle: &str) -> io::Result<bool> {
-    c.with_view(|v| v.header_contains(name, needle))
+    Ok(mime::header_contains(c.header_block()?, name, needle))
 }

@@ -632,19 +632,66 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
     if chunks.is_empty() {
         return Ok(());
     }
-    let w = io.get_mut();
+    let mut w = Coalescer::new(io.get_mut());
     for chunk in chunks {
         match chunk {
-            Chunk::Bytes(b) => w.write_all(&b).await?,
-            Chunk::File { path, len } => stream_file(w, &path, len).await?,
+            Chunk::Bytes(b) => w.put(&b).await?,
+            Chunk::File { path, len } => stream_file(&mut w, &path, len).await?,
         }
     }
-    w.flush().await
+    w.finish().await
+}
+
+/// Octets gathered before a write: responses and small message files go
+/// out together, a few writes for a whole `FETCH 1:* BODY[]` instead of
+/// two or three per message.
+const WRITE_AT: usize = 64 * 1024;
+
+/// Gathers output into writes of about [`WRITE_AT`] octets; the buffers
+/// live only for one flush, so an idle session holds none.
+struct Coalescer<'a, W> {
+    w: &'a mut W,
+    pending: Vec<u8>,
+    /// Reads of message files, reused from file to file.
+    scratch: Vec<u8>,
+}
+
+impl<'a, W: AsyncWrite + Unpin> Coalescer<'a, W> {
+    fn new(w: &'a mut W) -> Self {
+        Coalescer {
+            w,
+            pending: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    async fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if self.pending.is_empty() && bytes.len() >= WRITE_AT {
+            return self.w.write_all(bytes).await;
+        }
+        self.pending.extend_from_slice(bytes);
+        self.write_if_full().await
+    }
+
+    async fn write_if_full(&mut self) -> std::io::Result<()> {
+        if self.pending.len() >= WRITE_AT {
+            self.w.write_all(&self.pending).await?;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+
+    async fn finish(self) -> std::io::Result<()> {
+        if !self.pending.is_empty() {
+            self.w.write_all(&self.pending).await?;
+        }
+        self.w.flush().await
+    }
 }
 
 /// Write exactly `len` octets of the file at `path` with CRLF line ends.
 async fn stream_file<W: AsyncWrite + Unpin>(
-    w: &mut W,
+    w: &mut Coalescer<'_, W>,
     path: &std::path::Path,
     len: u64,
 ) -> std::io::Result<()> {
@@ -659,34 +706,40 @@ async fn stream_file<W: AsyncWrite + Unpin>(
     });
     if let Some(mut file) = opened {
         let mut encoder = CrlfEncoder::default();
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut converted = Vec::with_capacity(buf.len() * 2);
+        // The file is at most `len` octets (CRLF only adds): one read
+        // takes a small message whole.
+        let want = usize::try_from(len)
+            .unwrap_or(usize::MAX)
+            .clamp(1, WRITE_AT);
+        w.scratch.resize(want.max(w.scratch.len()), 0);
         while remaining > 0 {
-            let n = tokio::task::block_in_place(|| file.read(&mut buf))?;
+            let scratch = &mut w.scratch;
+            let n = tokio::task::block_in_place(|| file.read(scratch))?;
             if n == 0 {
                 break;
             }
-            converted.clear();
-            encoder.encode(&buf[..n], &mut converted);
+            let start = w.pending.len();
+            encoder.encode(&w.scratch[..n], &mut w.pending);
+            let added = &mut w.pending[start..];
             // As `wire::literal`: no NUL in a literal (RFC 9051 4.3).
-            if converted.contains(&0) {
-                for b in converted.iter_mut().filter(|b| **b == 0) {
-                    *b = 0x80;
-                }
+            for b in added.iter_mut().filter(|b| **b == 0) {
+                *b = 0x80;
             }
-            let take = converted.len().min(remaining as usize);
-            w.write_all(&converted[..take]).await?;
+            let take =
+                (w.pending.len() - start).min(usize::try_from(remaining).unwrap_or(usize::MAX));
+            w.pending.truncate(start + take);
             remaining -= take as u64;
+            w.write_if_full().await?;
         }
     }
     // The literal's length is already sent: keep the stream in step.
     if remaining > 0 {
         tracing::error!("{}: shorter than its size; padded", path.display());
-        let pad = vec![b' '; 64 * 1024];
         while remaining > 0 {
-            let take = pad.len().min(remaining as usize);
-            w.write_all(&pad[..take]).await?;
+            let take = WRITE_AT.min(usize::try_from(remaining).unwrap_or(usize::MAX));
+            w.pending.resize(w.pending.len() + take, b' ');
             remaining -= take as u64;
+            w.write_if_full().await?;
         }
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! The POP3 I/O loop: listeners, TLS (implicit and STLS), timeouts,
 //! logins, and streaming messages out of the Maildir.
 
+use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +9,7 @@ use std::time::Duration;
 use common::config::Config;
 use common::net::{read_line, Line};
 use common::recipients::DirectoryCache;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -315,19 +316,22 @@ impl Pop3Server {
         body_lines: Option<u32>,
         size: u64,
     ) -> std::io::Result<bool> {
-        let path = drop.messages()[index].path.clone();
-        let mut file = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(_) => {
-                push_line(out, "-ERR Message was removed by another session");
-                return Ok(false);
-            }
+        let path = &drop.messages()[index].path;
+        // Local files: opened and read in place, as IMAP does (tokio::fs
+        // would hand each call to another thread and back).
+        let Ok(mut file) = tokio::task::block_in_place(|| std::fs::File::open(path)) else {
+            push_line(out, "-ERR Message was removed by another session");
+            return Ok(false);
         };
         push_line(out, &format!("+OK {size} octets"));
         let mut encoder = MessageEncoder::new(body_lines);
-        let mut buf = vec![0u8; 64 * 1024];
+        // The file is at most `size` octets: one read takes a small one whole.
+        let want = usize::try_from(size)
+            .unwrap_or(usize::MAX)
+            .clamp(1, 64 * 1024);
+        let mut buf = vec![0u8; want + 1];
         while !encoder.is_done() {
-            let n = file.read(&mut buf).await?;
+            let n = tokio::task::block_in_place(|| file.read(&mut buf))?;
             if n == 0 {
                 break;
             }

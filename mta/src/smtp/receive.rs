@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use common::queue_id::new_queue_id;
 use common::spool::{is_disk_full, Envelope, Spool, SpoolError};
+use memmap2::Mmap;
 use tokio::sync::{mpsc, oneshot};
 
 use super::hops::ReceivedCounter;
@@ -136,13 +137,26 @@ impl MessageWriter {
         Some(self.spool.data_path(&self.id))
     }
 
-    /// The whole message as stored so far (for the checks that need it
-    /// all); None if it is too big or could not be written.
-    pub async fn contents(&mut self) -> Option<Vec<u8>> {
+    /// The whole message as stored so far, for the checks that need it
+    /// all (DKIM, DMARC, signing), mapped from the spool file rather than
+    /// read: its pages are the page cache's, so a 20 MiB message does not
+    /// make smtpd 20 MiB bigger. None if it is too big, empty or could not
+    /// be written.
+    pub async fn contents(&mut self) -> Option<Mmap> {
         let path = self.stored().await?;
-        let read = tokio::task::spawn_blocking(move || std::fs::read(path)).await;
-        match read {
-            Ok(Ok(bytes)) => Some(bytes),
+        let mapped = tokio::task::spawn_blocking(move || {
+            let file = File::open(path)?;
+            if file.metadata()?.len() == 0 {
+                return Ok(None);
+            }
+            // SAFETY: the spool file is ours alone until the envelope is
+            // committed (qmgr reads only queued entries), and nothing
+            // truncates or rewrites it while the map lives.
+            unsafe { Mmap::map(&file) }.map(Some)
+        })
+        .await;
+        match mapped {
+            Ok(Ok(map)) => map,
             Ok(Err(e)) => {
                 self.error = Some(e);
                 None
@@ -198,7 +212,7 @@ impl MessageWriter {
             self.discard();
             return DataOutcome::Loop;
         }
-        self.flush(true).await;
+        self.flush(false).await;
         if let Some(e) = self.error.take() {
             tracing::error!("{}: cannot write message: {e}", self.id);
             let full = is_disk_full(&e);
@@ -209,10 +223,46 @@ impl MessageWriter {
                 DataOutcome::LocalError
             };
         }
+        // The data file's fsync and the envelope's write and fsync run at
+        // once (two journal waits become about one); the envelope goes
+        // into incoming/ only once both are durable.
+        let Some(file) = self.file.take() else {
+            self.discard();
+            return DataOutcome::LocalError;
+        };
         let spool = self.spool.clone();
-        let committed = tokio::task::spawn_blocking(move || spool.commit(&envelope))
-            .await
-            .expect("commit does not panic");
+        let (data_synced, staged) = tokio::join!(
+            tokio::task::spawn_blocking(move || file.sync_all().map(|()| file)),
+            tokio::task::spawn_blocking(move || spool.stage_envelope(&envelope)),
+        );
+        let data_synced = data_synced.expect("fsync does not panic");
+        let staged = staged.expect("envelope writes do not panic");
+        let committed = match (data_synced, staged) {
+            (Ok(file), Ok(staged)) => {
+                self.file = Some(file);
+                let spool = self.spool.clone();
+                tokio::task::spawn_blocking(move || spool.publish(staged))
+                    .await
+                    .expect("renames do not panic")
+            }
+            (Err(e), staged) => {
+                if let Ok(staged) = staged {
+                    self.spool.unstage(staged);
+                }
+                tracing::error!("{}: cannot write message: {e}", self.id);
+                let full = is_disk_full(&e);
+                self.discard();
+                return if full {
+                    DataOutcome::DiskFull
+                } else {
+                    DataOutcome::LocalError
+                };
+            }
+            (Ok(file), Err(e)) => {
+                self.file = Some(file);
+                Err(e)
+            }
+        };
         let synced = match committed {
             Ok(()) => syncer.sync().await,
             Err(e) => Err(Arc::new(e)),
