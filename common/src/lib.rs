@@ -15,6 +15,7 @@ pub mod login_cache;
 pub mod mailbox_name;
 pub mod maildir;
 pub mod maildrop;
+pub mod memory;
 pub mod net;
 pub mod password;
 pub mod privileges;

@@ -95,11 +95,25 @@ pub async fn read_line<R: AsyncRead + Unpin>(
     }
 }
 
-/// Counts open sessions overall and per client address.
+/// Counts open sessions overall and per client address, and gives the
+/// memory of closed sessions back to the system once many have closed.
 #[derive(Default)]
 pub struct ConnectionLimiter {
-    per_client: Mutex<HashMap<IpAddr, usize>>,
+    counts: Mutex<Counts>,
 }
+
+#[derive(Default)]
+struct Counts {
+    per_client: HashMap<IpAddr, usize>,
+    total: usize,
+    /// The most sessions open at once since memory was last given back.
+    high_water: usize,
+}
+
+/// Sessions that must have closed since the high-water mark before the
+/// allocator's free memory is given back (each session leaves some tens
+/// of KiB that the allocator would otherwise keep).
+const RELEASE_AFTER_CLOSED: usize = 256;
 
 /// Why a connection was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,40 +138,48 @@ impl ConnectionLimiter {
         max_total: usize,
         max_per_client: usize,
     ) -> Result<ConnectionSlot<'_>, Refusal> {
-        let mut map = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
-        if map.values().sum::<usize>() >= max_total {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if counts.total >= max_total {
             return Err(Refusal::Total);
         }
-        let n = map.entry(ip).or_insert(0);
+        let n = counts.per_client.entry(ip).or_insert(0);
         if *n >= max_per_client {
             return Err(Refusal::PerClient);
         }
         *n += 1;
+        counts.total += 1;
+        counts.high_water = counts.high_water.max(counts.total);
         Ok(ConnectionSlot { limiter: self, ip })
     }
 
     /// Sessions open now.
     pub fn active(&self) -> usize {
-        self.per_client
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .sum()
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).total
     }
 }
 
 impl Drop for ConnectionSlot<'_> {
     fn drop(&mut self) {
-        let mut map = self
+        let mut counts = self
             .limiter
-            .per_client
+            .counts
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
+        if let Some(n) = counts.per_client.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
-                map.remove(&self.ip);
+                counts.per_client.remove(&self.ip);
             }
+        }
+        counts.total = counts.total.saturating_sub(1);
+        // After a flood, or the end of a busy hour: half or more of the
+        // sessions are gone, and at least a few hundred.
+        if counts.high_water - counts.total >= RELEASE_AFTER_CLOSED
+            && counts.total <= counts.high_water / 2
+        {
+            counts.high_water = counts.total;
+            drop(counts);
+            crate::memory::release_free_memory();
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod mailboxes;
 pub mod mime;
 pub mod output;
 pub mod search;
+pub mod send;
 pub mod sequence;
 pub mod server;
 pub mod session;

@@ -22,6 +22,40 @@ pub enum Chunk {
 pub struct Output {
     chunks: Vec<Chunk>,
     current: Vec<u8>,
+    /// What `chunks` holds, kept as they are pushed: asked after every
+    /// message of a large FETCH, so never counted by walking them.
+    tally: Tally,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    /// Octets of the `Bytes` chunks.
+    bytes: usize,
+    /// Octets the `File` chunks will send.
+    file_octets: u64,
+    files: usize,
+}
+
+impl Tally {
+    fn add(&mut self, chunk: &Chunk) {
+        match chunk {
+            Chunk::Bytes(b) => self.bytes += b.len(),
+            Chunk::File { len, .. } => {
+                self.file_octets += len;
+                self.files += 1;
+            }
+        }
+    }
+
+    fn remove(&mut self, chunk: &Chunk) {
+        match chunk {
+            Chunk::Bytes(b) => self.bytes -= b.len(),
+            Chunk::File { len, .. } => {
+                self.file_octets -= len;
+                self.files -= 1;
+            }
+        }
+    }
 }
 
 impl Output {
@@ -36,26 +70,27 @@ impl Output {
         self.current.extend_from_slice(b"\r\n");
     }
 
+    fn push(&mut self, chunk: Chunk) {
+        self.tally.add(&chunk);
+        self.chunks.push(chunk);
+    }
+
+    fn close_current(&mut self) {
+        if !self.current.is_empty() {
+            let bytes = std::mem::take(&mut self.current);
+            self.push(Chunk::Bytes(bytes));
+        }
+    }
+
     /// Stream a message file here.
     pub fn file(&mut self, path: PathBuf, len: u64) {
-        if !self.current.is_empty() {
-            self.chunks
-                .push(Chunk::Bytes(std::mem::take(&mut self.current)));
-        }
-        self.chunks.push(Chunk::File { path, len });
+        self.close_current();
+        self.push(Chunk::File { path, len });
     }
 
     /// Octets held in memory (message files not counted).
     pub fn buffered(&self) -> usize {
-        self.current.len()
-            + self
-                .chunks
-                .iter()
-                .map(|c| match c {
-                    Chunk::Bytes(b) => b.len(),
-                    Chunk::File { .. } => 0,
-                })
-                .sum::<usize>()
+        self.current.len() + self.tally.bytes
     }
 
     /// A point to go back to with [`Output::rollback`].
@@ -66,6 +101,9 @@ impl Output {
     /// Drop what was written since `mark`.
     pub fn rollback(&mut self, (chunks, current): (usize, usize)) {
         if self.chunks.len() > chunks {
+            for chunk in &self.chunks[chunks..] {
+                self.tally.remove(chunk);
+            }
             // Output went into chunks since the mark: the mark's bytes are
             // the head of the first of them.
             let mut first = match self.chunks.drain(chunks..).next() {
@@ -82,28 +120,18 @@ impl Output {
     /// Whether message files wait to be streamed: they must go out before
     /// the next command can rename or remove them.
     pub fn has_files(&self) -> bool {
-        self.chunks.iter().any(|c| matches!(c, Chunk::File { .. }))
+        self.tally.files > 0
     }
 
     /// Octets waiting (files counted by length), to decide when to flush.
     pub fn pending(&self) -> u64 {
-        self.current.len() as u64
-            + self
-                .chunks
-                .iter()
-                .map(|c| match c {
-                    Chunk::Bytes(b) => b.len() as u64,
-                    Chunk::File { len, .. } => *len,
-                })
-                .sum::<u64>()
+        (self.current.len() + self.tally.bytes) as u64 + self.tally.file_octets
     }
 
     /// Take everything written so far.
     pub fn take(&mut self) -> Vec<Chunk> {
-        if !self.current.is_empty() {
-            self.chunks
-                .push(Chunk::Bytes(std::mem::take(&mut self.current)));
-        }
+        self.close_current();
+        self.tally = Tally::default();
         std::mem::take(&mut self.chunks)
     }
 }

@@ -17,7 +17,8 @@ use tokio_rustls::TlsAcceptor;
 
 use super::cache::FolderCache;
 use super::command;
-use super::output::{Chunk, CrlfEncoder, Output};
+use super::output::Output;
+use super::send;
 use super::session::{Action, Session};
 use super::syntax;
 use super::watch::FolderWatcher;
@@ -40,6 +41,9 @@ const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Flush responses once this much is waiting (a big FETCH).
 const FLUSH_AT: u64 = 256 * 1024;
+/// Read buffer of a session: commands are short, literals are read in
+/// pieces, and each of thousands of idle sessions keeps its buffer.
+const READ_BUFFER: usize = 4 * 1024;
 
 /// What every IMAP session shares.
 pub struct ImapServer {
@@ -184,7 +188,7 @@ impl ImapServer {
         mut session: Session,
         greet: bool,
     ) -> std::io::Result<Ended<S>> {
-        let mut io = BufReader::with_capacity(16 * 1024, stream);
+        let mut io = BufReader::with_capacity(READ_BUFFER, stream);
         let idle =
             Duration::from_secs(settings.config.maildird.limits.idle_timeout).max(MIN_IDLE_TIMEOUT);
         let max_append = u64::from(settings.config.maildird.max_append_size);
@@ -628,135 +632,7 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut BufReader<S>,
     out: &mut Output,
 ) -> std::io::Result<()> {
-    let chunks = out.take();
-    if chunks.is_empty() {
-        return Ok(());
-    }
-    let mut w = Coalescer::new(io.get_mut());
-    for chunk in chunks {
-        match chunk {
-            Chunk::Bytes(b) => w.put(&b).await?,
-            Chunk::File { path, len } => stream_file(&mut w, &path, len).await?,
-        }
-    }
-    w.finish().await
-}
-
-/// Octets gathered before a write: responses and small message files go
-/// out together, a few writes for a whole `FETCH 1:* BODY[]` instead of
-/// two or three per message.
-const WRITE_AT: usize = 64 * 1024;
-
-/// Gathers output into writes of about [`WRITE_AT`] octets; the buffers
-/// live only for one flush, so an idle session holds none.
-struct Coalescer<'a, W> {
-    w: &'a mut W,
-    pending: Vec<u8>,
-    /// Reads of message files, reused from file to file.
-    scratch: Vec<u8>,
-}
-
-impl<'a, W: AsyncWrite + Unpin> Coalescer<'a, W> {
-    fn new(w: &'a mut W) -> Self {
-        Coalescer {
-            w,
-            pending: Vec::new(),
-            scratch: Vec::new(),
-        }
-    }
-
-    async fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        if self.pending.is_empty() && bytes.len() >= WRITE_AT {
-            return self.w.write_all(bytes).await;
-        }
-        self.pending.extend_from_slice(bytes);
-        self.write_if_full().await
-    }
-
-    async fn write_if_full(&mut self) -> std::io::Result<()> {
-        if self.pending.len() >= WRITE_AT {
-            self.w.write_all(&self.pending).await?;
-            self.pending.clear();
-        }
-        Ok(())
-    }
-
-    async fn finish(self) -> std::io::Result<()> {
-        if !self.pending.is_empty() {
-            self.w.write_all(&self.pending).await?;
-        }
-        self.w.flush().await
-    }
-}
-
-/// Write exactly `len` octets of the file at `path` with CRLF line ends.
-async fn stream_file<W: AsyncWrite + Unpin>(
-    w: &mut Coalescer<'_, W>,
-    path: &std::path::Path,
-    len: u64,
-) -> std::io::Result<()> {
-    use std::io::Read;
-    let mut remaining = len;
-    // Reads of a local file are short: done in place (tokio::fs would send
-    // each to another thread and back).
-    let opened = tokio::task::block_in_place(|| {
-        std::fs::File::open(path)
-            .ok()
-            .or_else(|| renamed(path).and_then(|p| std::fs::File::open(p).ok()))
-    });
-    if let Some(mut file) = opened {
-        let mut encoder = CrlfEncoder::default();
-        // The file is at most `len` octets (CRLF only adds): one read
-        // takes a small message whole.
-        let want = usize::try_from(len)
-            .unwrap_or(usize::MAX)
-            .clamp(1, WRITE_AT);
-        w.scratch.resize(want.max(w.scratch.len()), 0);
-        while remaining > 0 {
-            let scratch = &mut w.scratch;
-            let n = tokio::task::block_in_place(|| file.read(scratch))?;
-            if n == 0 {
-                break;
-            }
-            let start = w.pending.len();
-            encoder.encode(&w.scratch[..n], &mut w.pending);
-            let added = &mut w.pending[start..];
-            // As `wire::literal`: no NUL in a literal (RFC 9051 4.3).
-            for b in added.iter_mut().filter(|b| **b == 0) {
-                *b = 0x80;
-            }
-            let take =
-                (w.pending.len() - start).min(usize::try_from(remaining).unwrap_or(usize::MAX));
-            w.pending.truncate(start + take);
-            remaining -= take as u64;
-            w.write_if_full().await?;
-        }
-    }
-    // The literal's length is already sent: keep the stream in step.
-    if remaining > 0 {
-        tracing::error!("{}: shorter than its size; padded", path.display());
-        while remaining > 0 {
-            let take = WRITE_AT.min(usize::try_from(remaining).unwrap_or(usize::MAX));
-            w.pending.resize(w.pending.len() + take, b' ');
-            remaining -= take as u64;
-            w.write_if_full().await?;
-        }
-    }
-    Ok(())
-}
-
-/// Where a message file went when another session changed its flags
-/// (same base name in `cur/`, any info).
-fn renamed(path: &std::path::Path) -> Option<PathBuf> {
-    let name = path.file_name()?.to_str()?;
-    let base = name.split(':').next()?;
-    let cur = path.parent()?.parent()?.join("cur");
-    let prefix = format!("{base}:");
-    std::fs::read_dir(&cur).ok()?.flatten().find_map(|e| {
-        let n = e.file_name();
-        let n = n.to_str()?;
-        (n == base || n.starts_with(&prefix)).then(|| cur.join(n))
-    })
+    send::send(io.get_mut(), out.take()).await
 }
 
 async fn close<S: AsyncRead + AsyncWrite + Unpin>(

@@ -214,14 +214,7 @@ impl MessageWriter {
         }
         self.flush(false).await;
         if let Some(e) = self.error.take() {
-            tracing::error!("{}: cannot write message: {e}", self.id);
-            let full = is_disk_full(&e);
-            self.discard();
-            return if full {
-                DataOutcome::DiskFull
-            } else {
-                DataOutcome::LocalError
-            };
+            return self.write_failed(&e);
         }
         // The data file's fsync and the envelope's write and fsync run at
         // once (two journal waits become about one); the envelope goes
@@ -249,14 +242,7 @@ impl MessageWriter {
                 if let Ok(staged) = staged {
                     self.spool.unstage(staged);
                 }
-                tracing::error!("{}: cannot write message: {e}", self.id);
-                let full = is_disk_full(&e);
-                self.discard();
-                return if full {
-                    DataOutcome::DiskFull
-                } else {
-                    DataOutcome::LocalError
-                };
+                return self.write_failed(&e);
             }
             (Ok(file), Err(e)) => {
                 self.file = Some(file);
@@ -286,6 +272,19 @@ impl MessageWriter {
                     DataOutcome::LocalError
                 }
             }
+        }
+    }
+
+    /// The data file could not be written or fsynced: throw it away and
+    /// answer 452 4.3.1 for a full disk, else 451.
+    fn write_failed(self, e: &std::io::Error) -> DataOutcome {
+        tracing::error!("{}: cannot write message: {e}", self.id);
+        let full = is_disk_full(e);
+        self.discard();
+        if full {
+            DataOutcome::DiskFull
+        } else {
+            DataOutcome::LocalError
         }
     }
 
