@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -235,8 +236,12 @@ def run_smtp(args, table: Table, results: dict) -> None:
     phases = smtp_phases(args.quick)
     timeout = 60 if args.quick else 900
     for phase in phases:
+        rest(args.rest)
         ours = measure_mailsrv_smtp(args, phase, timeout)
-        theirs = measure_postfix_smtp(args, phase, timeout) if args.references else None
+        theirs = None
+        if args.references:
+            rest(args.rest)
+            theirs = measure_postfix_smtp(args, phase, timeout)
         results.setdefault("smtp", []).append(
             {"phase": phase, "mailsrv": ours, "postfix": theirs})
         name = phase["name"]
@@ -251,6 +256,15 @@ def run_smtp(args, table: Table, results: dict) -> None:
         table.add("SMTP", f"{name}: peak memory of all processes", "MiB",
                   ours["peak_pss_kib"] / 1024,
                   theirs["peak_pss_kib"] / 1024 if theirs else None, False, "Postfix")
+
+
+def rest(seconds: int) -> None:
+    """Let the disk settle before a measurement: a virtual machine's disk
+    often takes fsyncs fast in bursts and slows under sustained load, so
+    whichever server ran second would pay for the first."""
+    if seconds > 0:
+        os.sync()
+        time.sleep(seconds)
 
 
 def measure_mailsrv_smtp(args, phase: dict, timeout: int) -> dict:
@@ -534,6 +548,8 @@ def main() -> int:
     parser.add_argument("--counts", type=lambda s: [int(x) for x in s.split(",")],
                         default=[10_000, 100_000], help="INBOX sizes, comma-separated")
     parser.add_argument("--loop-seconds", type=int, default=10)
+    parser.add_argument("--rest", type=int, default=60,
+                        help="seconds of quiet before each SMTP measurement")
     parser.add_argument("--idle-connections", type=int, default=10_000)
     parser.add_argument("--dovecot-idle-connections", type=int, default=1_000,
                         help="Dovecot runs a process per connection: fewer")
@@ -541,7 +557,10 @@ def main() -> int:
                         help="messages in the INBOX each idle connection selects")
     parser.add_argument("--json", type=Path, help="save every result here")
     args = parser.parse_args()
+    # Stopped by a signal: unwind, so every server started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:
+        args.rest = 0
         args.counts = [200]
         args.loop_seconds = 2
         args.idle_connections = 20

@@ -1,8 +1,10 @@
 //! Counting delivered files in Maildir directories.
 //!
 //! A watcher thread lists the directories matching a glob every
-//! [`POLL_INTERVAL`] from before the first connection on, and remembers each
-//! file that was not there at the start and when the last one appeared.
+//! [`POLL_INTERVAL`] (less often once a listing takes long, see
+//! [`LISTING_SHARE`]) from before the first connection on, and remembers
+//! each file that was not there at the start and when the last one
+//! appeared.
 
 use std::collections::HashSet;
 use std::io::ErrorKind;
@@ -13,8 +15,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 
-/// Time between two listings of the directories.
+/// Time between two listings of the directories, at least.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// A listing may take at most one part in this many of the watcher's
+/// time: listing a Maildir of 100,000 files takes tens of milliseconds of
+/// CPU, which every 50 ms would take a core from the server measured.
+const LISTING_SHARE: u32 = 20;
 
 /// When the watcher may stop: once `expected` new files are seen, or at
 /// `deadline`.
@@ -58,11 +64,13 @@ impl MaildirWatch {
                 let mut last_seen = None;
                 let mut goal: Option<Goal> = None;
                 loop {
+                    let started = Instant::now();
                     list_files(&pattern, |path| {
                         if !snapshot.contains(&path) && seen.insert(path) {
                             last_seen = Some(Instant::now());
                         }
                     })?;
+                    let interval = POLL_INTERVAL.max(started.elapsed() * LISTING_SHARE);
                     let delivered = seen.len() as u64;
                     if let Some(g) = &goal {
                         if delivered >= g.expected || Instant::now() >= g.deadline {
@@ -72,7 +80,7 @@ impl MaildirWatch {
                             });
                         }
                     }
-                    match goals.recv_timeout(POLL_INTERVAL) {
+                    match goals.recv_timeout(interval) {
                         Ok(g) => goal = Some(g),
                         Err(RecvTimeoutError::Timeout) => {}
                         Err(RecvTimeoutError::Disconnected) => {
