@@ -98,54 +98,56 @@ fn dir_sync_group(dir: &Path) -> Arc<SyncGroup> {
     groups.entry(dir.to_path_buf()).or_default().clone()
 }
 
-/// The fsyncs of one directory: asked for, finished, and whether one runs.
+/// The fsyncs of one directory: the round callers now wait for, and
+/// whether one runs.
 #[derive(Default)]
 struct SyncGroup {
     state: Mutex<SyncState>,
     finished: Condvar,
 }
 
+/// How one fsync ended: filled once by the thread that ran it. Each
+/// caller reads its own round's outcome, never a later one: after a failed
+/// fsync Linux may drop the failed pages, so a later success does not
+/// make the earlier caller's changes durable.
+type RoundOutcome = Arc<OnceLock<Result<(), (io::ErrorKind, Option<i32>, String)>>>;
+
 #[derive(Default)]
 struct SyncState {
-    /// Requests so far; a request is covered by the first fsync that
-    /// starts after it, which takes every request made before it started.
-    requested: u64,
-    /// The highest request covered by a finished fsync.
-    covered: u64,
+    /// The round that starts after the running one (or next, if none
+    /// runs): every caller that asks now is covered by it.
+    next: RoundOutcome,
     running: bool,
-    /// How the last fsync ended: None, or its error.
-    error: Option<(io::ErrorKind, Option<i32>, String)>,
 }
 
 impl SyncGroup {
     fn sync(&self, dir: &Path) -> io::Result<()> {
         let lock = || self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut state = lock();
-        state.requested += 1;
-        let mine = state.requested;
+        let mine = Arc::clone(&state.next);
         loop {
-            if state.covered >= mine {
-                // A later fsync may have finished too: it covers us as well.
-                return match &state.error {
-                    None => Ok(()),
-                    Some((_, Some(code), _)) => Err(io::Error::from_raw_os_error(*code)),
-                    Some((kind, None, text)) => Err(io::Error::new(*kind, text.clone())),
-                };
+            if let Some(outcome) = mine.get() {
+                return outcome.clone().map_err(|(kind, code, text)| match code {
+                    Some(code) => io::Error::from_raw_os_error(code),
+                    None => io::Error::new(kind, text),
+                });
             }
             if !state.running {
+                // Start our round: later callers join the one after it.
                 state.running = true;
-                let round = state.requested;
+                let round = std::mem::take(&mut state.next);
                 drop(state);
                 let result = File::open(dir).and_then(|f| f.sync_all());
+                let _ = round.set(
+                    result
+                        .as_ref()
+                        .map(|_| ())
+                        .map_err(|e| (e.kind(), e.raw_os_error(), e.to_string())),
+                );
                 state = lock();
                 state.running = false;
-                state.covered = round;
-                state.error = result
-                    .as_ref()
-                    .err()
-                    .map(|e| (e.kind(), e.raw_os_error(), e.to_string()));
                 self.finished.notify_all();
-                return result;
+                continue;
             }
             state = self.finished.wait(state).unwrap_or_else(|p| p.into_inner());
         }

@@ -342,8 +342,9 @@ impl Spool {
 
     /// The first half of [`Spool::commit`], which may run while the data
     /// file is being fsynced: write and fsync the envelope under `tmp/`.
-    /// [`Spool::publish`] then moves it into `incoming/`, once the data is
-    /// durable, so no envelope ever names data a crash could lose.
+    /// [`Spool::publish`] then moves it into `incoming/`, once the data
+    /// file and its name in `data/` are durable, so no envelope ever names
+    /// data a crash could lose.
     pub fn stage_envelope(&self, envelope: &Envelope) -> Result<StagedEnvelope, SpoolError> {
         let tmp = self.write_envelope_tmp(envelope)?;
         Ok(StagedEnvelope {
@@ -356,7 +357,10 @@ impl Spool {
     /// `incoming/` (then [`Spool::sync_new_entries`] as after `commit`).
     pub fn publish(&self, staged: StagedEnvelope) -> Result<(), SpoolError> {
         let dest = self.envelope_path(QueueState::Incoming, &staged.id);
-        std::fs::rename(&staged.tmp, &dest).map_err(io_err(&dest))
+        std::fs::rename(&staged.tmp, &dest).map_err(|e| {
+            let _ = std::fs::remove_file(&staged.tmp);
+            io_err(&dest)(e)
+        })
     }
 
     /// Remove a staged envelope that will not be published.
@@ -364,20 +368,18 @@ impl Spool {
         let _ = std::fs::remove_file(&staged.tmp);
     }
 
-    /// fsync `data/` and `incoming/` (at once, from two threads: each is a
-    /// journal commit's wait), making every committed entry durable.
+    /// fsync `data/` and `incoming/`, making every committed entry durable.
     pub fn sync_new_entries(&self) -> Result<(), SpoolError> {
         let data = self.data_dir();
+        safeio::sync_dir(&data).map_err(io_err(&data))?;
+        self.sync_incoming()
+    }
+
+    /// fsync `incoming/` alone, for entries whose data file and its name
+    /// in `data/` were made durable before the envelope was published.
+    pub fn sync_incoming(&self) -> Result<(), SpoolError> {
         let inc = self.dir(QueueState::Incoming);
-        std::thread::scope(|scope| {
-            let data_synced = scope.spawn(|| safeio::sync_dir(&data));
-            let inc_synced = safeio::sync_dir(&inc).map_err(io_err(&inc));
-            let data_synced = data_synced
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("fsync thread panicked")));
-            data_synced.map_err(io_err(&data))?;
-            inc_synced
-        })
+        safeio::sync_dir(&inc).map_err(io_err(&inc))
     }
 
     /// Remove the data file of a message that was not queued.

@@ -27,7 +27,7 @@ pub async fn send<W: AsyncWrite + Unpin>(w: &mut W, chunks: Vec<Chunk>) -> io::R
         scratch: Vec::new(),
     };
     loop {
-        let more = tokio::task::block_in_place(|| gather.fill());
+        let more = tokio::task::block_in_place(|| gather.fill())?;
         if !gather.pending.is_empty() {
             w.write_all(&gather.pending).await?;
             gather.pending.clear();
@@ -64,13 +64,14 @@ enum Source {
 
 impl Gather {
     /// Gather up to [`WRITE_AT`] octets; false once everything is in
-    /// `pending`.
-    fn fill(&mut self) -> bool {
+    /// `pending`. A file that cannot be read ends the session: spaces in
+    /// its place would be cached by the client as the message.
+    fn fill(&mut self) -> io::Result<bool> {
         while self.pending.len() < WRITE_AT {
             match self.source.take() {
-                Some(source) => self.source = self.read(source),
+                Some(source) => self.source = self.read(source)?,
                 None => match self.chunks.next() {
-                    None => return false,
+                    None => return Ok(false),
                     Some(Chunk::Bytes(b)) => self.pending.extend_from_slice(&b),
                     Some(Chunk::File { path, len }) => {
                         self.source = Some(match open(&path) {
@@ -86,19 +87,19 @@ impl Gather {
                 },
             }
         }
-        true
+        Ok(true)
     }
 
     /// Move up to a write's worth of `source` into `pending`; what is left
     /// of it.
-    fn read(&mut self, source: Source) -> Option<Source> {
+    fn read(&mut self, source: Source) -> io::Result<Option<Source>> {
         let room = WRITE_AT.saturating_sub(self.pending.len()).max(1);
         match source {
             Source::Padding(remaining) => {
                 let take = room.min(usize::try_from(remaining).unwrap_or(usize::MAX));
                 self.pending.resize(self.pending.len() + take, b' ');
                 let left = remaining - take as u64;
-                (left > 0).then_some(Source::Padding(left))
+                Ok((left > 0).then_some(Source::Padding(left)))
             }
             Source::File {
                 mut file,
@@ -110,19 +111,22 @@ impl Gather {
                 // only adds): a small message is read whole at once.
                 let want = room.min(usize::try_from(remaining).unwrap_or(usize::MAX));
                 self.scratch.resize(want.max(1), 0);
-                let n = match file.read(&mut self.scratch) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        tracing::error!("{}: {e}", path.display());
-                        0
+                let n = loop {
+                    match file.read(&mut self.scratch) {
+                        Ok(n) => break n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            tracing::error!("{}: {e}", path.display());
+                            return Err(e);
+                        }
                     }
                 };
                 if n == 0 {
                     if remaining > 0 {
                         tracing::error!("{}: shorter than its size; padded", path.display());
-                        return Some(Source::Padding(remaining));
+                        return Ok(Some(Source::Padding(remaining)));
                     }
-                    return None;
+                    return Ok(None);
                 }
                 let start = self.pending.len();
                 encoder.encode(&self.scratch[..n], &mut self.pending);
@@ -137,12 +141,12 @@ impl Gather {
                 let take = added.min(remaining);
                 self.pending.truncate(start + take as usize);
                 let left = remaining - take;
-                (left > 0).then_some(Source::File {
+                Ok((left > 0).then_some(Source::File {
                     file,
                     encoder,
                     remaining: left,
                     path,
-                })
+                }))
             }
         }
     }

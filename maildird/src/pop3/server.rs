@@ -325,11 +325,12 @@ impl Pop3Server {
         };
         push_line(out, &format!("+OK {size} octets"));
         let mut encoder = MessageEncoder::new(body_lines);
-        // The file is at most `size` octets: one read takes a small one whole.
+        // Sized to the message (its W= from the file name), so one read
+        // takes a small one whole; at least 16 KiB in case W= is wrong.
         let want = usize::try_from(size)
             .unwrap_or(usize::MAX)
-            .clamp(1, 64 * 1024);
-        let mut buf = vec![0u8; want + 1];
+            .clamp(16 * 1024, 64 * 1024);
+        let mut buf = vec![0u8; want];
         while !encoder.is_done() {
             let n = tokio::task::block_in_place(|| file.read(&mut buf))?;
             if n == 0 {

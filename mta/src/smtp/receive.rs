@@ -199,8 +199,9 @@ impl MessageWriter {
         }
     }
 
-    /// Finish: fsync the data, write and fsync the envelope, make both
-    /// directories durable (shared fsync), and only then report `Queued`.
+    /// Finish: fsync the data and `data/` while the envelope is written and
+    /// fsynced, publish the envelope, make `incoming/` durable (shared
+    /// fsync), and only then report `Queued`.
     /// Anything short of that removes the data file.
     pub async fn commit(mut self, envelope: Envelope, syncer: &DirSyncer) -> DataOutcome {
         self.end_of_message().await;
@@ -216,16 +217,21 @@ impl MessageWriter {
         if let Some(e) = self.error.take() {
             return self.write_failed(&e);
         }
-        // The data file's fsync and the envelope's write and fsync run at
-        // once (two journal waits become about one); the envelope goes
-        // into incoming/ only once both are durable.
+        // The data file's fsync (then its directory's, shared with other
+        // sessions) and the envelope's write and fsync run at once; the
+        // envelope goes into incoming/ only once both are durable.
         let Some(file) = self.file.take() else {
             self.discard();
             return DataOutcome::LocalError;
         };
         let spool = self.spool.clone();
+        let data_dir = self.spool.data_dir();
         let (data_synced, staged) = tokio::join!(
-            tokio::task::spawn_blocking(move || file.sync_all().map(|()| file)),
+            tokio::task::spawn_blocking(move || {
+                file.sync_all()
+                    .and_then(|()| common::safeio::sync_dir(&data_dir))
+                    .map(|()| file)
+            }),
             tokio::task::spawn_blocking(move || spool.stage_envelope(&envelope)),
         );
         let data_synced = data_synced.expect("fsync does not panic");
@@ -307,9 +313,10 @@ impl Drop for MessageWriter {
 
 type SyncResult = Result<(), Arc<SpoolError>>;
 
-/// Group commit of the spool directories: every session that committed an
-/// envelope asks for a sync; one fsync of `data/` and `incoming/` answers
-/// all the requests that were waiting when it started.
+/// Group commit of `incoming/`: every session that published an envelope
+/// asks for a sync; one fsync answers all the requests that were waiting
+/// when it started (`data/` was made durable before publishing, through
+/// `safeio::sync_dir`'s own group commit).
 #[derive(Clone)]
 pub struct DirSyncer {
     requests: mpsc::UnboundedSender<oneshot::Sender<SyncResult>>,
@@ -326,7 +333,7 @@ impl DirSyncer {
                     waiters.push(more);
                 }
                 let spool = spool.clone();
-                let result = tokio::task::spawn_blocking(move || spool.sync_new_entries())
+                let result = tokio::task::spawn_blocking(move || spool.sync_incoming())
                     .await
                     .expect("fsync does not panic")
                     .map_err(Arc::new);
