@@ -129,14 +129,7 @@ impl Scheduler {
     /// again the stuck ones that are due.
     fn take_due(&mut self) {
         let now = unix_now();
-        let stuck: Vec<String> = self
-            .stuck
-            .iter()
-            .filter(|(_, t)| **t <= now)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in stuck {
-            self.stuck.remove(&id);
+        for id in take_due_ids(&mut self.stuck, now) {
             if self
                 .ctx
                 .spool
@@ -146,14 +139,7 @@ impl Scheduler {
                 self.start(id);
             }
         }
-        let due: Vec<String> = self
-            .deferred
-            .iter()
-            .filter(|(_, t)| **t <= now)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in due {
-            self.deferred.remove(&id);
+        for id in take_due_ids(&mut self.deferred, now) {
             match self
                 .ctx
                 .spool
@@ -289,4 +275,18 @@ pub async fn run(
     recheck.abort();
     ctx.remote.shutdown().await;
     Ok(())
+}
+
+/// Remove from `waiting` (queue id -> time of next try) every entry due
+/// at `now`; their ids.
+fn take_due_ids(waiting: &mut HashMap<String, u64>, now: u64) -> Vec<String> {
+    let due: Vec<String> = waiting
+        .iter()
+        .filter(|(_, t)| **t <= now)
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in &due {
+        waiting.remove(id);
+    }
+    due
 }
