@@ -867,6 +867,48 @@ def test_search_keys(srv):
         assert search_numbers(imap_ok(client.uid("SEARCH", "FROM alice"))) == [uids[0], uids[3]]
 
 
+def test_header_searches_answer_the_same_from_the_folder_cache(srv):
+    """The values of a searched header field are kept for each message
+    (Message-ID's also with each ENVELOPE) and written to the folder's
+    cache file: searches after FETCH ENVELOPE, after a first search and
+    after a restart answer as the message files do, for a field a message
+    has twice or not at all too."""
+    twice = crlf("Message-ID: <first@example.test>\nMessage-ID: <second@example.test>\n"
+                 "X-Label: =?utf-8?q?Gr=C3=BCn?=\nSubject: two ids\n\nbody\n")
+    none = crlf("Subject: no id\nX-Label:\n\nbody\n")
+    searches = (
+        ('HEADER Message-ID "<second@"', [1]),
+        ('HEADER Message-ID "<FIRST@EXAMPLE"', [1]),
+        ('HEADER Message-ID ""', [1]),
+        ('HEADER X-Label ""', [1, 2]),
+        ('HEADER X-Missing ""', []),
+        ('NOT HEADER Message-ID "<"', [2]),
+    )
+
+    def run(client) -> None:
+        for criteria, expected in searches:
+            assert search_numbers(imap_ok(client.search(None, criteria))) == expected, criteria
+        client.literal = "GRÜN".encode()
+        assert search_numbers(imap_ok(client.search("UTF-8", "HEADER X-Label"))) == [1]
+
+    with srv.imaps(user=ALICE) as client:
+        imap_ok(client.create("Cached"))
+        for message in (twice, none):
+            append(client, "Cached", message, "", "15-Feb-2024 10:00:00 +0000")
+        select(client, "Cached")
+        imap_ok(client.fetch("1:*", "(ENVELOPE)"))
+        run(client)
+        run(client)
+    # The answers above came from kept values, not only from the files.
+    kept = (srv.maildir(ALICE) / ".Cached" / "mailsrv-envelopes").read_bytes()
+    for field in (b"message-id", b"x-label", b"x-missing"):
+        assert kept.count(b" h:" + field + b" ") == 2, field
+    srv.restart()
+    with srv.imaps(user=ALICE) as client:
+        select(client, "Cached")
+        run(client)
+
+
 def test_esearch_with_return_options_and_imap4rev2(srv):
     with srv.raw_imap(user=ALICE) as conn:
         uids = [conn.append("INBOX", make_message(f"esearch {i}"), flags)[1]

@@ -1,7 +1,8 @@
 //! State of folders shared by every session of the daemon: the folder's
 //! UID list and keywords as last read from disk (reused until `new/` or
 //! `cur/` changes, so SELECT of a large folder does not rescan it), and
-//! the ENVELOPE of each message once computed, kept in the folder's
+//! what was once computed from each message (its ENVELOPE, and the values
+//! of header fields searched for), kept in the folder's
 //! `mailsrv-envelopes` file so a restart does not read every message
 //! again.
 //!
@@ -26,15 +27,25 @@ use super::folder::MessageFile;
 /// tick here), or, for those keeping whole seconds, every second or two.
 const FINE_MTIME_SLACK: Duration = Duration::from_millis(20);
 const COARSE_MTIME_SLACK: Duration = Duration::from_secs(2);
-/// Envelopes kept per folder; past this the folder's are dropped.
-const MAX_ENVELOPES: usize = 500_000;
+/// Records kept per folder; past this the folder's are dropped.
+const MAX_RECORDS: usize = 500_000;
 /// Folders kept; past this, those no session uses are dropped.
 const MAX_FOLDERS: usize = 4096;
 /// The envelope cache's file inside the folder.
 const ENVELOPES_FILE: &str = "mailsrv-envelopes";
-const ENVELOPES_MAGIC: &[u8] = b"mailsrv-envelopes 1\n";
+const ENVELOPES_MAGIC: &[u8] = b"mailsrv-envelopes 2\n";
 
-type EnvelopeKey = (String, bool);
+/// What a record holds about a message.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Kind {
+    /// Its ENVELOPE, for UTF-8 sessions or not.
+    Envelope { utf8: bool },
+    /// The searchable values of the header field of this (lowercase) name.
+    Field(Box<str>),
+}
+
+/// A record's message (by Maildir base name) and content.
+type RecordKey = (String, Kind);
 
 /// A folder as last read from disk.
 #[derive(Debug)]
@@ -42,8 +53,9 @@ pub struct Snapshot {
     pub uid_validity: u32,
     pub uid_next: u32,
     pub keywords: Keywords,
-    /// Every message, by ascending UID.
-    pub entries: Vec<Arc<MessageFile>>,
+    /// Every message, by ascending UID. Sessions whose view agrees with
+    /// the folder hold this very list rather than a copy.
+    pub entries: Arc<Vec<Arc<MessageFile>>>,
 }
 
 #[derive(Default)]
@@ -51,12 +63,12 @@ struct FolderState {
     /// The snapshot, the directories' mtimes read before it was made, and
     /// when they were read.
     snapshot: Option<(Arc<Snapshot>, [Option<SystemTime>; 2], SystemTime)>,
-    /// ENVELOPE responses by (base name, UTF-8 session).
-    envelopes: HashMap<EnvelopeKey, Arc<[u8]>>,
+    /// What was computed from each message.
+    records: HashMap<RecordKey, Arc<[u8]>>,
     /// Whether the file was read.
     loaded: bool,
     /// Computed since the last write to the file.
-    unsaved: Vec<(EnvelopeKey, Arc<[u8]>)>,
+    unsaved: Vec<(RecordKey, Arc<[u8]>)>,
 }
 
 /// The daemon's cache of folders.
@@ -118,11 +130,8 @@ impl FolderCache {
         }
         let list = uidlist::sync(folder)?;
         let keywords = Keywords::load(folder)?;
-        let entries = list
-            .entries
-            .iter()
-            .map(|e| Arc::new(MessageFile::new(e, &keywords)))
-            .collect();
+        let previous = state.snapshot.as_ref().map(|(s, _, _)| s.clone());
+        let entries = Arc::new(entries_of(&list, &keywords, previous.as_deref()));
         let snapshot = Arc::new(Snapshot {
             uid_validity: list.uid_validity,
             uid_next: list.uid_next,
@@ -134,7 +143,7 @@ impl FolderCache {
             .as_ref()
             .is_some_and(|(old, _, _)| old.uid_validity != snapshot.uid_validity)
         {
-            state.envelopes.clear();
+            state.records.clear();
         }
         state.snapshot = Some((snapshot.clone(), mtimes, now));
         Ok(snapshot)
@@ -142,40 +151,70 @@ impl FolderCache {
 
     /// A cached ENVELOPE.
     pub fn envelope(&self, folder: &Path, base: &str, utf8: bool) -> Option<Arc<[u8]>> {
+        self.record(folder, (base.to_string(), Kind::Envelope { utf8 }))
+    }
+
+    /// Remember an ENVELOPE (message files never change, so it stays
+    /// right while the file exists); [`FolderCache::save`]
+    /// writes it out.
+    pub fn keep_envelope(&self, folder: &Path, base: &str, utf8: bool, envelope: Arc<[u8]>) {
+        self.keep(
+            folder,
+            (base.to_string(), Kind::Envelope { utf8 }),
+            envelope,
+        );
+    }
+
+    /// The cached values of header field `name` (lowercase), as made by
+    /// [`field_values`].
+    pub fn field_values(&self, folder: &Path, base: &str, name: &str) -> Option<Arc<[u8]>> {
+        self.record(folder, (base.to_string(), Kind::Field(name.into())))
+    }
+
+    /// Remember the values of header field `name` (lowercase).
+    pub fn keep_field_values(&self, folder: &Path, base: &str, name: &str, values: Arc<[u8]>) {
+        self.keep(folder, (base.to_string(), Kind::Field(name.into())), values);
+    }
+
+    fn record(&self, folder: &Path, key: RecordKey) -> Option<Arc<[u8]>> {
         let state = self.state(folder);
         let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
         if !state.loaded {
             state.loaded = true;
             load_envelopes(folder, &mut state);
         }
-        state.envelopes.get(&(base.to_string(), utf8)).cloned()
+        state.records.get(&key).cloned()
     }
 
-    /// Remember an ENVELOPE (message files never change, so it stays
-    /// right while the file exists); [`FolderCache::save_envelopes`]
-    /// writes it out.
-    pub fn keep_envelope(&self, folder: &Path, base: &str, utf8: bool, envelope: Arc<[u8]>) {
+    fn keep(&self, folder: &Path, key: RecordKey, value: Arc<[u8]>) {
+        // A record's head is one line of words.
+        if key.0.contains([' ', '\n']) {
+            return;
+        }
         let state = self.state(folder);
         let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.envelopes.len() >= MAX_ENVELOPES {
-            state.envelopes.clear();
+        if state.records.len() >= MAX_RECORDS {
+            // Searched fields are worth less than envelopes.
+            if matches!(key.1, Kind::Field(_)) {
+                return;
+            }
+            state.records.clear();
         }
-        let key = (base.to_string(), utf8);
-        state.unsaved.push((key.clone(), envelope.clone()));
-        state.envelopes.insert(key, envelope);
+        state.unsaved.push((key.clone(), value.clone()));
+        state.records.insert(key, value);
     }
 
-    /// Append the envelopes computed since the last call to the folder's
+    /// Append the records computed since the last call to the folder's
     /// file, in one write.
-    pub fn save_envelopes(&self, folder: &Path) -> io::Result<()> {
+    pub fn save(&self, folder: &Path) -> io::Result<()> {
         let state = self.state(folder);
         let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
         if state.unsaved.is_empty() {
             return Ok(());
         }
         let mut out = Vec::new();
-        for ((base, utf8), envelope) in state.unsaved.drain(..) {
-            write_record(&mut out, &base, utf8, &envelope);
+        for (key, value) in state.unsaved.drain(..) {
+            write_record(&mut out, &key, &value);
         }
         let path = folder.join(ENVELOPES_FILE);
         let mut file = std::fs::OpenOptions::new()
@@ -189,10 +228,40 @@ impl FolderCache {
     }
 }
 
-fn write_record(out: &mut Vec<u8>, base: &str, utf8: bool, envelope: &[u8]) {
-    out.extend_from_slice(format!("{base} {} {}\n", u8::from(utf8), envelope.len()).as_bytes());
-    out.extend_from_slice(envelope);
+/// One `<base> <kind> <length>\n<value>\n` record; the kind is `0` or `1`
+/// for an ENVELOPE (UTF-8 or not) and `h:<name>` for a header field.
+fn write_record(out: &mut Vec<u8>, (base, kind): &RecordKey, value: &[u8]) {
+    let kind = match kind {
+        Kind::Envelope { utf8 } => u8::from(*utf8).to_string(),
+        Kind::Field(name) => format!("h:{name}"),
+    };
+    out.extend_from_slice(format!("{base} {kind} {}\n", value.len()).as_bytes());
+    out.extend_from_slice(value);
     out.push(b'\n');
+}
+
+/// The messages of `list`, each the previous snapshot's own record when
+/// its file is unchanged: sessions then see it unchanged without
+/// comparing flags, and its counted size is kept.
+fn entries_of(
+    list: &uidlist::UidState,
+    keywords: &Keywords,
+    previous: Option<&Snapshot>,
+) -> Vec<Arc<MessageFile>> {
+    let reusable = previous
+        .filter(|p| p.uid_validity == list.uid_validity && p.keywords == *keywords)
+        .map_or(&[][..], |p| p.entries.as_slice());
+    let mut old = reusable.iter().peekable();
+    list.entries
+        .iter()
+        .map(|e| {
+            while old.next_if(|o| o.uid < e.uid).is_some() {}
+            match old.next_if(|o| o.uid == e.uid) {
+                Some(o) if o.file_name == e.file_name && o.in_new == e.in_new => o.clone(),
+                _ => Arc::new(MessageFile::new(e, keywords)),
+            }
+        })
+        .collect()
 }
 
 /// Read the folder's envelope file into `state`; rewrite it when most of
@@ -209,20 +278,32 @@ fn load_envelopes(folder: &Path, state: &mut FolderState) {
     let mut records = 0usize;
     while let Some((key, envelope, tail)) = parse_record(rest) {
         records += 1;
-        state.envelopes.insert(key, Arc::from(envelope));
+        state.records.insert(key, Arc::from(envelope));
         rest = tail;
+    }
+    if !rest.is_empty() {
+        // A torn last write: cut off, or the next record appended would be
+        // read as its missing part.
+        let valid = (bytes.len() - rest.len()) as u64;
+        let cut = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(valid));
+        if let Err(e) = cut {
+            tracing::warn!("{}: {e}", path.display());
+        }
     }
     let Some((snapshot, _, _)) = &state.snapshot else {
         return;
     };
     let live: HashSet<&str> = snapshot.entries.iter().map(|e| e.base.as_str()).collect();
     state
-        .envelopes
+        .records
         .retain(|(base, _), _| live.contains(base.as_str()));
-    if records > 2 * state.envelopes.len() + 1000 {
+    if records > 2 * state.records.len() + 1000 {
         let mut out = ENVELOPES_MAGIC.to_vec();
-        for ((base, utf8), envelope) in &state.envelopes {
-            write_record(&mut out, base, *utf8, envelope);
+        for (key, value) in &state.records {
+            write_record(&mut out, key, value);
         }
         if let Err(e) = common::safeio::write_atomic(&path, &out) {
             tracing::warn!("{}: {e}", path.display());
@@ -230,22 +311,22 @@ fn load_envelopes(folder: &Path, state: &mut FolderState) {
     }
 }
 
-/// One `<base> <utf8> <length>\n<envelope>\n` record and what follows it.
-fn parse_record(bytes: &[u8]) -> Option<(EnvelopeKey, &[u8], &[u8])> {
+/// One record (see [`write_record`]) and what follows it.
+fn parse_record(bytes: &[u8]) -> Option<(RecordKey, &[u8], &[u8])> {
     let nl = bytes.iter().position(|&b| b == b'\n')?;
     let head = std::str::from_utf8(&bytes[..nl]).ok()?;
     let mut fields = head.split(' ');
-    let (base, utf8, len) = (fields.next()?, fields.next()?, fields.next()?);
+    let (base, kind, len) = (fields.next()?, fields.next()?, fields.next()?);
+    let kind = match kind {
+        "0" | "1" => Kind::Envelope { utf8: kind == "1" },
+        _ => Kind::Field(kind.strip_prefix("h:")?.into()),
+    };
     let len: usize = len.parse().ok()?;
     let body = bytes.get(nl + 1..)?;
     if body.get(len) != Some(&b'\n') {
         return None;
     }
-    Some((
-        (base.to_string(), utf8 == "1"),
-        &body[..len],
-        &body[len + 1..],
-    ))
+    Some(((base.to_string(), kind), &body[..len], &body[len + 1..]))
 }
 
 #[cfg(test)]
@@ -294,7 +375,13 @@ mod tests {
         cache.keep_envelope(dir.path(), "1.a.h", false, Arc::from(&b"(NIL)"[..]));
         assert!(cache.envelope(dir.path(), "1.a.h", false).is_some());
         assert!(cache.envelope(dir.path(), "1.a.h", true).is_none());
-        cache.save_envelopes(dir.path()).unwrap();
+        cache.keep_field_values(
+            dir.path(),
+            "1.a.h",
+            "message-id",
+            Arc::from(&b"<a@b>\0"[..]),
+        );
+        cache.save(dir.path()).unwrap();
         // A torn record at the end is ignored.
         let mut f = std::fs::OpenOptions::new()
             .append(true)
@@ -308,5 +395,21 @@ mod tests {
             Some(&b"(NIL)"[..])
         );
         assert!(fresh.envelope(dir.path(), "2.a.h", false).is_none());
+        assert_eq!(
+            fresh
+                .field_values(dir.path(), "1.a.h", "message-id")
+                .as_deref(),
+            Some(&b"<a@b>\0"[..])
+        );
+        assert!(fresh.field_values(dir.path(), "1.a.h", "subject").is_none());
+        // The torn tail was cut: what is appended next reads back.
+        fresh.keep_envelope(dir.path(), "1.a.h", true, Arc::from(&b"(X)"[..]));
+        fresh.save(dir.path()).unwrap();
+        let again = FolderCache::default();
+        again.snapshot(dir.path()).unwrap();
+        assert_eq!(
+            again.envelope(dir.path(), "1.a.h", true).as_deref(),
+            Some(&b"(X)"[..])
+        );
     }
 }

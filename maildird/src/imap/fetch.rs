@@ -8,8 +8,8 @@ use common::flags::SystemFlag;
 use imap_types::fetch::{MessageDataItemName, Part, Section};
 
 use super::cache::FolderCache;
-use super::folder::Message;
-use super::mime::{MessageView, SectionText};
+use super::folder::{Message, MessageFile};
+use super::mime::{self, MessageView, SectionText};
 use super::output::{CrlfEncoder, Output};
 use super::wire;
 
@@ -110,7 +110,7 @@ pub fn sets_seen(item: &MessageDataItemName) -> bool {
 }
 
 /// Write the flags list of `m`.
-pub fn write_flags(out: &mut Vec<u8>, m: &Message, mode: FetchMode) {
+pub fn write_flags(out: &mut Vec<u8>, m: &Message<'_>, mode: FetchMode) {
     out.push(b'(');
     let mut first = true;
     let mut put = |out: &mut Vec<u8>, s: &str| {
@@ -223,7 +223,7 @@ pub struct Target<'a> {
 pub fn write_fetch(
     out: &mut Output,
     seq: u32,
-    m: &mut Message,
+    m: &Message<'_>,
     target: Target,
     items: &[MessageDataItemName],
     uid: bool,
@@ -258,7 +258,7 @@ pub fn write_fetch(
 
 fn write_item(
     out: &mut Output,
-    m: &mut Message,
+    m: &Message<'_>,
     target: Target,
     loaded: &mut Loaded,
     item: &MessageDataItemName,
@@ -288,9 +288,20 @@ fn write_item(
                 Some(e) => e,
                 None => {
                     let mut b = Vec::new();
-                    MessageView::parse(loaded.content()?).write_envelope(&mut b, utf8);
+                    let content = loaded.content()?;
+                    MessageView::parse(content).write_envelope(&mut b, utf8);
                     let e: std::sync::Arc<[u8]> = b.into();
                     target.cache.keep_envelope(folder, &m.base, utf8, e.clone());
+                    // Clients find messages by Message-ID (mbsync, or
+                    // Thunderbird after a MOVE): its values are kept
+                    // with the envelope, whose field it is.
+                    let cache = target.cache;
+                    if cache.field_values(folder, &m.base, "message-id").is_none() {
+                        // The header block searches read, not the parser's.
+                        let header = &content[..header_end(content, 0).unwrap_or(content.len())];
+                        let ids = mime::header_field_values(header, "message-id");
+                        cache.keep_field_values(folder, &m.base, "message-id", ids.into());
+                    }
                     e
                 }
             };
@@ -371,7 +382,7 @@ fn write_item(
 /// is known from the name.
 fn whole(
     out: &mut Output,
-    m: &mut Message,
+    m: &Message<'_>,
     folder: &Path,
     loaded: &mut Loaded,
     name: &str,
@@ -426,7 +437,7 @@ fn binary(loaded: &mut Loaded, part: &[u32]) -> Result<Option<Vec<u8>>, FetchErr
 
 /// Whether `m` should get \Seen from fetching `items` in a read-write
 /// session.
-pub fn marks_seen(m: &Message, items: &[MessageDataItemName]) -> bool {
+pub fn marks_seen(m: &MessageFile, items: &[MessageDataItemName]) -> bool {
     !m.has(SystemFlag::Seen) && items.iter().any(sets_seen)
 }
 

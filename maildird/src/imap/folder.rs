@@ -102,32 +102,20 @@ impl MessageFile {
     }
 }
 
-/// One message as the session sees it: the shared file, and what is this
-/// session's own.
-#[derive(Debug, Clone)]
-pub struct Message {
-    file: Arc<MessageFile>,
+/// One message as the session sees it: the shared file, and whether it
+/// is \Recent for this session.
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    file: &'a MessageFile,
     /// \Recent (RFC 3501 only): this session moved it out of `new/`.
     pub recent: bool,
-    /// Gone from disk; announced as EXPUNGE at the next chance.
-    pub gone: bool,
 }
 
-impl Message {
-    fn new(file: Arc<MessageFile>) -> Message {
-        Message {
-            file,
-            recent: false,
-            gone: false,
-        }
-    }
-}
-
-impl std::ops::Deref for Message {
+impl std::ops::Deref for Message<'_> {
     type Target = MessageFile;
 
     fn deref(&self) -> &MessageFile {
-        &self.file
+        self.file
     }
 }
 
@@ -154,7 +142,15 @@ pub struct Folder {
     pub path: PathBuf,
     pub uid_validity: u32,
     pub uid_next: u32,
-    pub messages: Vec<Message>,
+    /// The view's messages by ascending UID. While the view agrees with
+    /// the cache's snapshot this is the snapshot's own list, so a session
+    /// costs no memory per message and SELECT copies nothing.
+    files: Arc<Vec<Arc<MessageFile>>>,
+    /// UIDs this session took out of `new/` (\Recent), ascending.
+    recent: Vec<u32>,
+    /// UIDs of messages in the view that are gone from disk; announced as
+    /// EXPUNGE at the next chance.
+    gone: BTreeSet<u32>,
     pub keywords: Keywords,
     pub read_only: bool,
     cache: Arc<FolderCache>,
@@ -172,7 +168,9 @@ impl Folder {
             path: path.to_path_buf(),
             uid_validity: 0,
             uid_next: 1,
-            messages: Vec::new(),
+            files: Arc::default(),
+            recent: Vec::new(),
+            gone: BTreeSet::new(),
             keywords: Keywords::default(),
             read_only,
             cache,
@@ -185,7 +183,61 @@ impl Folder {
 
     /// Number of messages in the view.
     pub fn exists(&self) -> u32 {
-        self.messages.len() as u32
+        self.files.len() as u32
+    }
+
+    /// The view's message files, by sequence number less one.
+    pub fn files(&self) -> &[Arc<MessageFile>] {
+        &self.files
+    }
+
+    /// The message with sequence number `index + 1`.
+    pub fn message(&self, index: usize) -> Option<Message<'_>> {
+        self.files.get(index).map(|file| Message {
+            file,
+            recent: self.is_recent(file.uid),
+        })
+    }
+
+    /// Every message of the view, in sequence order.
+    pub fn messages(&self) -> impl Iterator<Item = Message<'_>> {
+        self.files.iter().map(|file| Message {
+            file,
+            recent: self.is_recent(file.uid),
+        })
+    }
+
+    /// The highest UID in the view (0 when empty).
+    pub fn last_uid(&self) -> u32 {
+        self.files.last().map_or(0, |m| m.uid)
+    }
+
+    /// The index of the message with this UID.
+    pub fn index_of(&self, uid: u32) -> Option<usize> {
+        self.files.binary_search_by_key(&uid, |m| m.uid).ok()
+    }
+
+    fn is_recent(&self, uid: u32) -> bool {
+        self.recent.binary_search(&uid).is_ok()
+    }
+
+    /// How many messages are \Recent for this session.
+    pub fn recent_count(&self) -> usize {
+        self.recent.len()
+    }
+
+    /// Whether message `index` is known to be gone from disk.
+    pub fn is_gone(&self, index: usize) -> bool {
+        self.files
+            .get(index)
+            .is_some_and(|m| self.gone.contains(&m.uid))
+    }
+
+    /// Message `index` turned out to be gone (its file could not be read).
+    pub fn mark_gone(&mut self, index: usize) {
+        if let Some(m) = self.files.get(index) {
+            self.gone.insert(m.uid);
+        }
     }
 
     /// Bring the view up to date with the disk. Messages that vanished
@@ -207,13 +259,8 @@ impl Folder {
             arrived = self.sync(&snapshot, &mut changes, &mut changed_uids)?;
             self.seen = Some(snapshot);
         }
-        if allow_expunge {
-            for i in (0..self.messages.len()).rev() {
-                if self.messages[i].gone {
-                    self.messages.remove(i);
-                    changes.expunged.push(i as u32 + 1);
-                }
-            }
+        if allow_expunge && !self.gone.is_empty() {
+            changes.expunged = self.drop_gone();
         }
         // Numbered after the EXPUNGEs, which are sent first.
         if arrived > 0 {
@@ -221,10 +268,32 @@ impl Folder {
         }
         changes.flags_changed = changed_uids
             .into_iter()
-            .filter_map(|uid| self.messages.binary_search_by_key(&uid, |m| m.uid).ok())
+            .filter_map(|uid| self.index_of(uid))
             .map(|i| i as u32 + 1)
             .collect();
         Ok(changes)
+    }
+
+    /// Take the gone messages out of the view; returns their sequence
+    /// numbers, highest first, so each stays valid as it is sent.
+    fn drop_gone(&mut self) -> Vec<u32> {
+        let gone = std::mem::take(&mut self.gone);
+        let mut expunged: Vec<u32> = (self.files.iter().enumerate())
+            .filter(|(_, m)| gone.contains(&m.uid))
+            .map(|(i, _)| i as u32 + 1)
+            .collect();
+        expunged.reverse();
+        Arc::make_mut(&mut self.files).retain(|m| !gone.contains(&m.uid));
+        self.recent.retain(|uid| !gone.contains(uid));
+        // Often the view is now the snapshot again: share it.
+        if let Some(seen) = &self.seen {
+            let same = seen.entries.len() == self.files.len()
+                && (seen.entries.iter().zip(self.files.iter())).all(|(a, b)| Arc::ptr_eq(a, b));
+            if same {
+                self.files = seen.entries.clone();
+            }
+        }
+        expunged
     }
 
     /// Take in `state`: flag changes (by UID) into `changed`, vanished
@@ -246,49 +315,64 @@ impl Folder {
         }
         self.uid_validity = state.uid_validity;
         self.uid_next = state.uid_next;
-        // Both lists are in UID order: walk them together.
+        // Both lists are in UID order: walk them together. A message found
+        // again is not gone (a failed read under an old name).
+        let mut gone = BTreeSet::new();
+        let mut agrees = true;
         let mut on_disk = state.entries.iter().peekable();
-        for m in self.messages.iter_mut() {
-            while on_disk.next_if(|f| f.uid < m.uid).is_some() {}
+        for m in self.files.iter() {
+            while on_disk.next_if(|f| f.uid < m.uid).is_some() {
+                agrees = false;
+            }
             match on_disk.next_if(|f| f.uid == m.uid) {
-                None => m.gone = true,
-                Some(f) => {
-                    if f.flags != m.flags {
-                        changed.push(m.uid);
-                    }
-                    m.file = f.clone();
-                    // A failed read under an old name is not an expunge.
-                    m.gone = false;
+                None => {
+                    gone.insert(m.uid);
+                    agrees = false;
                 }
+                Some(f) if !Arc::ptr_eq(f, m) && f.flags != m.flags => changed.push(m.uid),
+                Some(_) => {}
             }
         }
-        let last = self.messages.last().map_or(0, |m| m.uid);
+        self.gone = gone;
+        let last = self.last_uid();
+        let arrivals = &state.entries[state.entries.partition_point(|f| f.uid <= last)..];
+        let takes_new = !self.read_only && arrivals.iter().any(|f| f.in_new);
+        if agrees && !takes_new {
+            self.files = state.entries.clone();
+            return Ok(arrivals.len());
+        }
+        let mut files = Vec::with_capacity(self.files.len() + arrivals.len());
+        let mut on_disk = state.entries.iter().peekable();
+        for m in self.files.iter() {
+            while on_disk.next_if(|f| f.uid < m.uid).is_some() {}
+            files.push(on_disk.next_if(|f| f.uid == m.uid).unwrap_or(m).clone());
+        }
         let mut moved = false;
-        let count_before = self.messages.len();
-        for f in state.entries.iter().filter(|f| f.uid > last) {
-            let mut m = Message::new(f.clone());
-            if m.in_new && !self.read_only {
-                // RFC 3501 2.3.2: the first session to see it gets \Recent.
-                let info = m.file_name.split_once(":2,").map_or("", |(_, f)| f);
-                let target = format!("{}:2,{info}", m.base);
-                match std::fs::rename(m.path(&self.path), self.path.join("cur").join(&target)) {
-                    Ok(()) => {
-                        let (flags, other) = (m.flags.clone(), m.other.clone());
-                        m.file = Arc::new(m.file.renamed(target, false, flags, other));
-                        m.recent = true;
-                        moved = true;
-                    }
-                    // Another session took it first (or it was removed).
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
+        for f in arrivals {
+            if !(f.in_new && takes_new) {
+                files.push(f.clone());
+                continue;
             }
-            self.messages.push(m);
+            // RFC 3501 2.3.2: the first session to see it gets \Recent.
+            let info = f.file_name.split_once(":2,").map_or("", |(_, i)| i);
+            let target = format!("{}:2,{info}", f.base);
+            match std::fs::rename(f.path(&self.path), self.path.join("cur").join(&target)) {
+                Ok(()) => {
+                    let (flags, other) = (f.flags.clone(), f.other.clone());
+                    files.push(Arc::new(f.renamed(target, false, flags, other)));
+                    self.recent.push(f.uid);
+                    moved = true;
+                }
+                // Another session took it first (or it was removed).
+                Err(e) if e.kind() == io::ErrorKind::NotFound => files.push(f.clone()),
+                Err(e) => return Err(e),
+            }
         }
+        self.files = Arc::new(files);
         if moved {
             sync_dir(&self.path.join("cur"))?;
         }
-        Ok(self.messages.len() - count_before)
+        Ok(arrivals.len())
     }
 
     /// Give message `index` these flags (keywords numbered as needed), by
@@ -303,33 +387,34 @@ impl Folder {
             self.keywords = Keywords::ensure(&self.path, &flags.keywords)?;
             self.keywords_defined = true;
         }
-        let path = self.path.clone();
-        let m = &mut self.messages[index];
-        if m.gone || m.flags == flags {
+        let Some(m) = self.files.get(index).cloned() else {
+            return Ok(());
+        };
+        if self.gone.contains(&m.uid) || m.flags == flags {
             return Ok(());
         }
         let target = format!("{}:2,{}", m.base, self.keywords.render(&flags, &m.other));
-        let mut source = m.path(&path);
+        let mut source = m.path(&self.path);
         for attempt in 0..2 {
-            match std::fs::rename(&source, path.join("cur").join(&target)) {
+            match std::fs::rename(&source, self.path.join("cur").join(&target)) {
                 Ok(()) => {
-                    let other = m.other.clone();
-                    m.file = Arc::new(m.file.renamed(target, false, flags, other));
+                    let renamed = m.renamed(target, false, flags, m.other.clone());
+                    Arc::make_mut(&mut self.files)[index] = Arc::new(renamed);
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound && attempt == 0 => {
                     // Renamed by another session: find its current name.
-                    let state = uidlist::sync(&path)?;
+                    let state = uidlist::sync(&self.path)?;
                     match state.entries.into_iter().find(|e| e.uid == m.uid) {
-                        Some(e) => source = e.path(&path),
+                        Some(e) => source = e.path(&self.path),
                         None => {
-                            m.gone = true;
+                            self.gone.insert(m.uid);
                             return Ok(());
                         }
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    m.gone = true;
+                    self.gone.insert(m.uid);
                     return Ok(());
                 }
                 Err(e) => return Err(e.into()),
@@ -356,30 +441,32 @@ impl Folder {
     }
 
     /// Delete the files of the chosen messages and drop them, and those
-    /// already gone, from the view; returns their sequence numbers.
-    fn remove_where(&mut self, chosen: impl Fn(&Message) -> bool) -> io::Result<Vec<u32>> {
-        let mut expunged = Vec::new();
-        for i in (0..self.messages.len()).rev() {
-            let m = &self.messages[i];
-            let remove = chosen(m);
-            if !remove && !m.gone {
+    /// already gone, from the view; returns their sequence numbers,
+    /// highest first.
+    fn remove_where(&mut self, chosen: impl Fn(&MessageFile) -> bool) -> io::Result<Vec<u32>> {
+        let removing: Vec<usize> = (self.files.iter().enumerate())
+            .filter(|(_, m)| chosen(m))
+            .map(|(i, _)| i)
+            .collect();
+        if removing.is_empty() && self.gone.is_empty() {
+            return Ok(Vec::new());
+        }
+        for &i in &removing {
+            let m = &self.files[i];
+            if self.gone.contains(&m.uid) {
                 continue;
             }
-            if remove && !m.gone {
-                match std::fs::remove_file(m.path(&self.path)) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
+            match std::fs::remove_file(m.path(&self.path)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
             }
-            self.messages.remove(i);
-            expunged.push(i as u32 + 1);
+            // Out of the view with the gone ones below.
+            self.gone.insert(m.uid);
         }
-        if !expunged.is_empty() {
-            sync_dir(&self.path.join("cur"))?;
-            uidlist::sync(&self.path)?;
-        }
-        Ok(expunged)
+        sync_dir(&self.path.join("cur"))?;
+        uidlist::sync(&self.path)?;
+        Ok(self.drop_gone())
     }
 
     /// Copy messages (by index) into the folder at `dest`, flags and
@@ -393,12 +480,12 @@ impl Folder {
     ) -> Result<(u32, Vec<(u32, u32)>), FlagsError> {
         let wanted: BTreeSet<String> = indexes
             .iter()
-            .flat_map(|&i| self.messages[i].flags.keywords.iter().cloned())
+            .filter_map(|&i| self.files.get(i))
+            .flat_map(|m| m.flags.keywords.iter().cloned())
             .collect();
         let dest_keywords = Keywords::ensure(dest, &wanted)?;
         let mut copied = Vec::new();
-        for &i in indexes {
-            let m = &self.messages[i];
+        for m in indexes.iter().filter_map(|&i| self.files.get(i)) {
             // Unknown lowercase letters are keywords of this folder only.
             let other: String = m
                 .other
@@ -487,10 +574,30 @@ mod tests {
         let (_d, path) = folder_with(&["new/1.a.h,S=17,W=20", "cur/0.a.h:2,S"]);
         let f = Folder::open(&path, false, Arc::default()).unwrap();
         assert_eq!(f.exists(), 2);
-        assert!(!f.messages[0].recent && f.messages[1].recent);
+        assert!(!f.message(0).unwrap().recent && f.message(1).unwrap().recent);
         assert!(path.join("cur/1.a.h,S=17,W=20:2,").exists());
         let ro = Folder::open(&path, true, Arc::default()).unwrap();
-        assert!(ro.messages.iter().all(|m| !m.recent));
+        assert!(ro.messages().all(|m| !m.recent));
+    }
+
+    #[test]
+    fn sessions_share_the_folder_list_until_they_differ() {
+        let (_d, path) = folder_with(&["cur/1.a.h:2,", "cur/2.a.h:2,S"]);
+        let old = SystemTime::now() - std::time::Duration::from_secs(60);
+        for d in ["new", "cur"] {
+            let dir = std::fs::File::open(path.join(d)).unwrap();
+            dir.set_modified(old).unwrap();
+        }
+        let cache = Arc::new(FolderCache::default());
+        let mut a = Folder::open(&path, false, cache.clone()).unwrap();
+        let b = Folder::open(&path, true, cache).unwrap();
+        assert_eq!(a.files().as_ptr(), b.files().as_ptr());
+        let mut flags = MessageFlags::default();
+        flags.system.insert(SystemFlag::Flagged);
+        a.set_flags(0, flags.clone()).unwrap();
+        assert_ne!(a.files().as_ptr(), b.files().as_ptr());
+        assert_eq!(a.files()[0].flags, flags);
+        assert!(b.files()[0].flags.system.is_empty());
     }
 
     #[test]
@@ -509,7 +616,7 @@ mod tests {
         assert_eq!(c.flags_changed, vec![1]);
         assert!(c.keywords_changed);
         assert!(c.expunged.is_empty());
-        assert_eq!(f.messages[0].flags, flags);
+        assert_eq!(f.files()[0].flags, flags);
         let c = f.refresh(true).unwrap();
         assert_eq!(c.expunged, vec![2]);
         assert_eq!(f.exists(), 2);
@@ -554,18 +661,18 @@ mod tests {
         assert_eq!(pairs, vec![(1, 1), (2, 2)]);
         let g = Folder::open(&dest, true, Arc::default()).unwrap();
         assert_eq!(g.uid_validity, validity);
-        assert!(g.messages[0].has(SystemFlag::Deleted));
-        assert_eq!(g.messages[0].known_size(), Some(20));
+        assert!(g.files()[0].has(SystemFlag::Deleted));
+        assert_eq!(g.files()[0].known_size(), Some(20));
         assert_eq!(f.expunge(None).unwrap(), vec![1]);
-        assert_eq!(f.messages[0].uid, 2);
+        assert_eq!(f.files()[0].uid, 2);
         let mut flags = MessageFlags::default();
         flags.system.insert(SystemFlag::Seen);
         let (_, uid) = append(&dest, "h", &b"A: b\r\n\r\nc\r\n"[..], &flags, None).unwrap();
         assert_eq!(uid, 3);
         let g = Folder::open(&dest, true, Arc::default()).unwrap();
-        assert!(g.messages[2].has(SystemFlag::Seen));
+        assert!(g.files()[2].has(SystemFlag::Seen));
         assert_eq!(
-            std::fs::read(g.messages[2].path(&dest)).unwrap(),
+            std::fs::read(g.files()[2].path(&dest)).unwrap(),
             b"A: b\n\nc\n"
         );
     }

@@ -285,7 +285,7 @@ pub fn status_of(folder: &mut Folder) -> StatusInfo {
         ..StatusInfo::default()
     };
     let path = folder.path.clone();
-    for m in folder.messages.iter_mut() {
+    for m in folder.messages() {
         if !m.has(SystemFlag::Seen) {
             info.unseen += 1;
         }

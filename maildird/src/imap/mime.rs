@@ -544,11 +544,32 @@ fn any_text(node: Node<'_>, needle: &str) -> bool {
 /// SEARCH HEADER on a header block alone (the message's first lines up
 /// to the blank one), so a header search need not read or parse bodies.
 pub fn header_contains(header: &[u8], name: &str, needle: &str) -> bool {
-    let needle = needle.to_lowercase();
-    fields(header).any(|(field_name, field)| {
-        field_name.eq_ignore_ascii_case(name.as_bytes())
-            && decoded_value(field).to_lowercase().contains(&needle)
-    })
+    values_contain(&header_field_values(header, name), &needle.to_lowercase())
+}
+
+/// The text of every `name` field of `header`, decoded and lowercased,
+/// each followed by a NUL (no IMAP string holds one): what a HEADER
+/// search looks in, in the form [`values_contain`] reads and the folder
+/// cache keeps.
+pub fn header_field_values(header: &[u8], name: &str) -> Vec<u8> {
+    let mut values = Vec::new();
+    for (_, field) in fields(header).filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes())) {
+        values.extend_from_slice(decoded_value(field).to_lowercase().as_bytes());
+        values.push(0);
+    }
+    values
+}
+
+/// Whether one of `values` (see [`header_field_values`]) contains
+/// `needle`, already lowercase; an empty needle matches any field there
+/// is (RFC 9051 6.4.4).
+pub fn values_contain(values: &[u8], needle: &str) -> bool {
+    let Some(values) = values.strip_suffix(b"\0") else {
+        return false;
+    };
+    values
+        .split(|&b| b == 0)
+        .any(|v| memchr::memmem::find(v, needle.as_bytes()).is_some())
 }
 
 /// The fields of a header (RFC 5322 2.2): each one's name and whole text,
@@ -1064,6 +1085,13 @@ secret
         assert!(view.header_contains("Subject", ""));
         assert!(!view.header_contains("X-Missing", ""));
         assert!(!view.header_contains("From", "bob"));
+        let two = b"X-Tag: One\r\nX-Empty:\r\nx-tag: =?utf-8?q?Tw=C3=B6?=\r\n\r\n";
+        let values = header_field_values(two, "x-tag");
+        assert_eq!(values, "one\0twö\0".as_bytes());
+        assert!(values_contain(&values, "twö") && values_contain(&values, "ne"));
+        assert!(!values_contain(&values, "one\0tw") && !values_contain(&values, "onetw"));
+        assert!(values_contain(&header_field_values(two, "x-empty"), ""));
+        assert!(!values_contain(&header_field_values(two, "x-none"), ""));
         for needle in ["grÜße", "ÉTÉ", "<P>"] {
             assert!(
                 view.body_contains(needle) && view.text_contains(needle),

@@ -7,6 +7,7 @@ use chrono::NaiveDate;
 use common::flags::SystemFlag;
 use imap_types::search::SearchKey;
 
+use super::cache::FolderCache;
 use super::fetch::{internal_date, load_header, load_message};
 use super::folder::Message;
 use super::mime::{self, MessageView};
@@ -19,8 +20,10 @@ const MAX_DEPTH: usize = 64;
 /// One message under test, its content read only if a key needs it.
 pub struct Candidate<'a> {
     pub seq: u32,
-    pub message: &'a mut Message,
+    pub message: Message<'a>,
     pub folder: &'a Path,
+    /// Where searched header fields' values are kept.
+    pub cache: &'a FolderCache,
     /// Highest sequence number and UID in the mailbox, for `*`.
     pub largest_seq: u32,
     pub largest_uid: u32,
@@ -32,8 +35,8 @@ pub struct Candidate<'a> {
 impl<'a> Candidate<'a> {
     pub fn new(
         seq: u32,
-        message: &'a mut Message,
-        folder: &'a Path,
+        message: Message<'a>,
+        (folder, cache): (&'a Path, &'a FolderCache),
         largest_seq: u32,
         largest_uid: u32,
     ) -> Candidate<'a> {
@@ -41,6 +44,7 @@ impl<'a> Candidate<'a> {
             seq,
             message,
             folder,
+            cache,
             largest_seq,
             largest_uid,
             content: None,
@@ -167,6 +171,29 @@ fn has_keyword(c: &Candidate, keyword: &str) -> bool {
         .any(|k| k.eq_ignore_ascii_case(keyword))
 }
 
+/// Longest values of a field kept in the folder cache.
+const MAX_CACHED_VALUES: usize = 1024;
+
+/// HEADER and the like: the field's values come from the folder cache
+/// when known, else from the message (and are then kept), so a folder is
+/// read once for each field searched.
 fn header(c: &mut Candidate, name: &str, needle: &str) -> io::Result<bool> {
-    Ok(mime::header_contains(c.header_block()?, name, needle))
+    let name = name.to_ascii_lowercase();
+    // RFC 5322 3.6.8: a field name is printable ASCII but ':'. Others
+    // would not fit a cache record.
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+        return Ok(mime::header_contains(c.header_block()?, &name, needle));
+    }
+    let needle = needle.to_lowercase();
+    if let Some(values) = c.cache.field_values(c.folder, &c.message.base, &name) {
+        return Ok(mime::values_contain(&values, &needle));
+    }
+    let values = mime::header_field_values(c.header_block()?, &name);
+    let found = mime::values_contain(&values, &needle);
+    if values.len() <= MAX_CACHED_VALUES {
+        let base = &c.message.base;
+        c.cache
+            .keep_field_values(c.folder, base, &name, values.into());
+    }
+    Ok(found)
 }

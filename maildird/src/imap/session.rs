@@ -528,14 +528,14 @@ impl Session {
         if let Some(n) = exists {
             self.out.line(&format!("* {n} EXISTS"));
             if !mode.rev2 {
-                let recent = folder.messages.iter().filter(|m| m.recent).count();
+                let recent = folder.recent_count();
                 self.out.line(&format!("* {recent} RECENT"));
             }
         }
         for seq in flags_changed {
-            if let Some(m) = folder.messages.get(seq as usize - 1) {
+            if let Some(m) = folder.message(seq as usize - 1) {
                 let mut b = format!("* {seq} FETCH (UID {} FLAGS ", m.uid).into_bytes();
-                fetch::write_flags(&mut b, m, mode);
+                fetch::write_flags(&mut b, &m, mode);
                 b.extend_from_slice(b")\r\n");
                 self.out.buf().extend_from_slice(&b);
             }
@@ -737,13 +737,9 @@ impl Session {
         }
         self.out.line(&format!("* {} EXISTS", folder.exists()));
         if !self.rev2 {
-            let recent = folder.messages.iter().filter(|m| m.recent).count();
-            self.out.line(&format!("* {recent} RECENT"));
-            if let Some(i) = folder
-                .messages
-                .iter()
-                .position(|m| !m.has(SystemFlag::Seen))
-            {
+            self.out
+                .line(&format!("* {} RECENT", folder.recent_count()));
+            if let Some(i) = folder.files().iter().position(|m| !m.has(SystemFlag::Seen)) {
                 self.out
                     .line(&format!("* OK [UNSEEN {}] First unseen", i + 1));
             }
@@ -1069,10 +1065,9 @@ impl Session {
             return Err(Done::bad("No mailbox selected"));
         };
         if uid {
-            let largest = folder.messages.last().map_or(0, |m| m.uid);
-            let numbers = NumberSet::resolve(set, largest);
+            let numbers = NumberSet::resolve(set, folder.last_uid());
             Ok(folder
-                .messages
+                .files()
                 .iter()
                 .enumerate()
                 .filter(|(_, m)| numbers.contains(m.uid))
@@ -1099,7 +1094,7 @@ impl Session {
                     .selected
                     .as_ref()
                     .ok_or_else(|| Done::bad("No mailbox selected"))?;
-                Some(idx.iter().map(|&i| folder.messages[i].uid).collect())
+                Some(idx.iter().map(|&i| folder.files()[i].uid).collect())
             }
             None => None,
         };
@@ -1182,8 +1177,11 @@ impl Session {
             let i = p.indexes[p.next];
             p.next += 1;
             let mut items_here = p.items.clone();
-            if !folder.read_only && fetch::marks_seen(&folder.messages[i], &p.items) {
-                let mut flags = folder.messages[i].flags.clone();
+            let Some(file) = folder.files().get(i).cloned() else {
+                continue;
+            };
+            if !folder.read_only && fetch::marks_seen(&file, &p.items) {
+                let mut flags = file.flags.clone();
                 flags.system.insert(SystemFlag::Seen);
                 if let Err(e) = folder.set_flags(i, flags) {
                     self.complete(&p.tag, Err(Done::from(e)), p.uid);
@@ -1195,21 +1193,19 @@ impl Session {
                     items_here.push(MessageDataItemName::Flags);
                 }
             }
-            let path = folder.path.clone();
-            let m = &mut folder.messages[i];
-            if m.gone {
+            let (Some(m), false) = (folder.message(i), folder.is_gone(i)) else {
                 p.missing = true;
                 continue;
-            }
+            };
             let mark = self.out.mark();
             let target = fetch::Target {
-                folder: &path,
+                folder: &folder.path,
                 cache: &self.cache,
             };
             let written = fetch::write_fetch(
                 &mut self.out,
                 i as u32 + 1,
-                m,
+                &m,
                 target,
                 &items_here,
                 p.uid,
@@ -1219,7 +1215,7 @@ impl Session {
                 Ok(()) => continue,
                 Err(FetchError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
                     self.out.rollback(mark);
-                    m.gone = true;
+                    folder.mark_gone(i);
                     p.missing = true;
                     continue;
                 }
@@ -1245,8 +1241,8 @@ impl Session {
                 done = Err(server_error(e));
             }
         }
-        if let Err(e) = self.cache.save_envelopes(&folder.path) {
-            tracing::warn!("{}: saving envelopes: {e}", folder.path.display());
+        if let Err(e) = self.cache.save(&folder.path) {
+            tracing::warn!("{}: saving the folder cache: {e}", folder.path.display());
         }
         if p.missing && done.is_ok() {
             // RFC 9051 7.1: some messages went away meanwhile.
@@ -1278,7 +1274,9 @@ impl Session {
             return Err(Done::no(Some("READ-ONLY"), "Mailbox is read-only"));
         }
         for i in indexes {
-            let current = folder.messages[i].flags.clone();
+            let Some(current) = folder.files().get(i).map(|m| m.flags.clone()) else {
+                continue;
+            };
             let new = match kind {
                 StoreType::Replace => wanted.clone(),
                 StoreType::Add => {
@@ -1306,14 +1304,14 @@ impl Session {
                 },
             };
             folder.set_flags(i, new)?;
-            let m = &folder.messages[i];
-            if response == StoreResponse::Answer && !m.gone {
+            let m = folder.message(i).filter(|_| !folder.is_gone(i));
+            if let (StoreResponse::Answer, Some(m)) = (response, m) {
                 let mut b = format!("* {} FETCH (", i + 1).into_bytes();
                 if uid {
                     b.extend_from_slice(format!("UID {} ", m.uid).as_bytes());
                 }
                 b.extend_from_slice(b"FLAGS ");
-                fetch::write_flags(&mut b, m, mode);
+                fetch::write_flags(&mut b, &m, mode);
                 b.extend_from_slice(b")\r\n");
                 self.out.buf().extend_from_slice(&b);
             }
@@ -1358,7 +1356,7 @@ impl Session {
             // A MOVE keeps the user's usage; a COPY adds to it.
             let adding: u64 = indexes
                 .iter()
-                .filter_map(|&i| folder.messages.get(i))
+                .filter_map(|&i| folder.files().get(i))
                 .filter_map(|m| std::fs::metadata(m.path(&folder.path)).ok())
                 .map(|meta| meta.len())
                 .sum();
@@ -1421,7 +1419,7 @@ impl Session {
                 if uid {
                     Some(n)
                 } else {
-                    folder.messages.get(n as usize - 1).map(|m| m.uid)
+                    folder.files().get(n as usize - 1).map(|m| m.uid)
                 }
             })
             .collect::<BTreeSet<u32>>();
@@ -1439,7 +1437,7 @@ impl Session {
         let seqs: Vec<u32> = self
             .saved
             .iter()
-            .filter_map(|uid| folder.messages.binary_search_by_key(uid, |m| m.uid).ok())
+            .filter_map(|&uid| folder.index_of(uid))
             .map(|i| i as u32 + 1)
             .collect();
         // An empty result names no message; a number no message has stands
@@ -1479,21 +1477,25 @@ impl Session {
             return Err(Done::bad("No mailbox selected"));
         };
         let largest_seq = folder.exists();
-        let largest_uid = folder.messages.last().map_or(0, |m| m.uid);
-        let path = folder.path.clone();
+        let largest_uid = folder.last_uid();
+        let path = &folder.path;
         let mut found = Vec::new();
-        for (i, m) in folder.messages.iter_mut().enumerate() {
-            if m.gone {
+        for (i, m) in folder.messages().enumerate() {
+            if folder.is_gone(i) {
                 continue;
             }
             let uid_value = m.uid;
-            let mut c = Candidate::new(i as u32 + 1, m, &path, largest_seq, largest_uid);
+            let place = (path.as_path(), &*self.cache);
+            let mut c = Candidate::new(i as u32 + 1, m, place, largest_seq, largest_uid);
             match search::matches_all(criteria, &mut c) {
                 Ok(true) => found.push(if uid { uid_value } else { i as u32 + 1 }),
                 Ok(false) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(server_error(e)),
             }
+        }
+        if let Err(e) = self.cache.save(path) {
+            tracing::warn!("{}: saving searched fields: {e}", path.display());
         }
         if let Some(r) = ret.as_ref().filter(|r| r.save) {
             self.save_result(uid, &found, r);
