@@ -56,6 +56,8 @@ pub struct Snapshot {
     /// Every message, by ascending UID. Sessions whose view agrees with
     /// the folder hold this very list rather than a copy.
     pub entries: Arc<Vec<Arc<MessageFile>>>,
+    /// How many of them are in `new/`.
+    pub in_new: usize,
 }
 
 #[derive(Default)]
@@ -136,6 +138,7 @@ impl FolderCache {
             uid_validity: list.uid_validity,
             uid_next: list.uid_next,
             keywords,
+            in_new: list.entries.iter().filter(|e| e.in_new).count(),
             entries,
         });
         if state

@@ -336,7 +336,8 @@ impl Folder {
         self.gone = gone;
         let last = self.last_uid();
         let arrivals = &state.entries[state.entries.partition_point(|f| f.uid <= last)..];
-        let takes_new = !self.read_only && arrivals.iter().any(|f| f.in_new);
+        // The count spares a warm SELECT a walk over every message.
+        let takes_new = !self.read_only && state.in_new > 0 && arrivals.iter().any(|f| f.in_new);
         if agrees && !takes_new {
             self.files = state.entries.clone();
             return Ok(arrivals.len());

@@ -15,7 +15,10 @@ use tokio::net::TcpListener;
 fn main() -> std::process::ExitCode {
     daemon::main(
         "smtpd",
-        0,
+        daemon::Threads {
+            workers: 0,
+            max_blocking: 0,
+        },
         || Ok(daemon::prepare("smtpd", Role::Smtpd, endpoints)?),
         run,
     )
