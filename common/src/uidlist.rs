@@ -17,7 +17,7 @@
 //! Every sync runs under `mailsrv-uidlist.lock`, so two sessions never give
 //! one file two UIDs; deliveries only add files to `new/` and need no lock.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -86,40 +86,39 @@ pub fn sync(folder: &Path) -> io::Result<UidState> {
     let before = stored.uids.len();
     stored.uids.retain(|base, _| files.contains_key(base));
     let mut changed = !loaded || stored.uids.len() != before;
-    let mut known: HashMap<&str, u32> = stored.uids.iter().map(|(b, u)| (b.as_str(), *u)).collect();
-    let mut added = Vec::new();
-    // `files` is a BTreeMap: new files are numbered in name order, which for
-    // Maildir names is arrival order.
-    for base in files.keys() {
-        if !known.contains_key(base.as_str()) {
-            let uid = stored.uid_next;
-            stored.uid_next = stored
-                .uid_next
-                .checked_add(1)
-                .ok_or_else(|| io::Error::other(format!("{}: UIDs exhausted", folder.display())))?;
-            known.insert(base, uid);
-            added.push((base.clone(), uid));
-        }
+    // New files are numbered in name order, which for Maildir names is
+    // arrival order.
+    let mut new: Vec<&String> = (files.keys())
+        .filter(|base| !stored.uids.contains_key(base.as_str()))
+        .collect();
+    new.sort_unstable();
+    let mut added = Vec::with_capacity(new.len());
+    for base in new {
+        let uid = stored.uid_next;
+        stored.uid_next = stored
+            .uid_next
+            .checked_add(1)
+            .ok_or_else(|| io::Error::other(format!("{}: UIDs exhausted", folder.display())))?;
+        added.push((base.clone(), uid));
     }
     changed |= !added.is_empty();
     stored.uids.extend(added);
     if changed {
         write_atomic(&list_path, render(&stored).as_bytes())?;
     }
-    let mut entries: Vec<UidEntry> = stored
-        .uids
-        .iter()
-        .map(|(base, uid)| {
-            let (file_name, in_new) = files[base].clone();
-            UidEntry {
-                uid: *uid,
-                base: base.clone(),
+    let mut files = files;
+    let mut entries: Vec<UidEntry> = (stored.uids.into_iter())
+        .filter_map(|(base, uid)| {
+            let (file_name, in_new) = files.remove(&base)?;
+            Some(UidEntry {
+                uid,
+                base,
                 file_name,
                 in_new,
-            }
+            })
         })
         .collect();
-    entries.sort_by_key(|e| e.uid);
+    entries.sort_unstable_by_key(|e| e.uid);
     Ok(UidState {
         uid_validity: stored.uid_validity,
         uid_next: stored.uid_next,
@@ -172,8 +171,8 @@ fn fresh() -> Stored {
 }
 
 /// Base name → (current file name, in new/) for every message file.
-fn scan(folder: &Path) -> io::Result<BTreeMap<String, (String, bool)>> {
-    let mut files = BTreeMap::new();
+fn scan(folder: &Path) -> io::Result<HashMap<String, (String, bool)>> {
+    let mut files = HashMap::new();
     for (sub, in_new) in [("cur", false), ("new", true)] {
         let entries = match std::fs::read_dir(folder.join(sub)) {
             Ok(e) => e,

@@ -133,12 +133,14 @@ impl FolderCache {
         let list = uidlist::sync(folder)?;
         let keywords = Keywords::load(folder)?;
         let previous = state.snapshot.as_ref().map(|(s, _, _)| s.clone());
-        let entries = Arc::new(entries_of(&list, &keywords, previous.as_deref()));
+        let (uid_validity, uid_next) = (list.uid_validity, list.uid_next);
+        let in_new = list.entries.iter().filter(|e| e.in_new).count();
+        let entries = Arc::new(entries_of(list, &keywords, previous.as_deref()));
         let snapshot = Arc::new(Snapshot {
-            uid_validity: list.uid_validity,
-            uid_next: list.uid_next,
+            uid_validity,
+            uid_next,
             keywords,
-            in_new: list.entries.iter().filter(|e| e.in_new).count(),
+            in_new,
             entries,
         });
         if state
@@ -247,7 +249,7 @@ fn write_record(out: &mut Vec<u8>, (base, kind): &RecordKey, value: &[u8]) {
 /// its file is unchanged: sessions then see it unchanged without
 /// comparing flags, and its counted size is kept.
 fn entries_of(
-    list: &uidlist::UidState,
+    list: uidlist::UidState,
     keywords: &Keywords,
     previous: Option<&Snapshot>,
 ) -> Vec<Arc<MessageFile>> {
@@ -255,8 +257,7 @@ fn entries_of(
         .filter(|p| p.uid_validity == list.uid_validity && p.keywords == *keywords)
         .map_or(&[][..], |p| p.entries.as_slice());
     let mut old = reusable.iter().peekable();
-    list.entries
-        .iter()
+    (list.entries.into_iter())
         .map(|e| {
             while old.next_if(|o| o.uid < e.uid).is_some() {}
             match old.next_if(|o| o.uid == e.uid) {

@@ -36,12 +36,12 @@ pub struct MessageFile {
 
 impl MessageFile {
     /// The file of a UID list entry, its flags read with `keywords`.
-    pub fn new(entry: &UidEntry, keywords: &Keywords) -> MessageFile {
+    pub fn new(entry: UidEntry, keywords: &Keywords) -> MessageFile {
         let (flags, other) = keywords.parse_info(entry.flags());
         MessageFile {
             uid: entry.uid,
-            base: entry.base.clone(),
-            file_name: entry.file_name.clone(),
+            base: entry.base,
+            file_name: entry.file_name,
             in_new: entry.in_new,
             flags,
             other,
