@@ -52,15 +52,6 @@ fn return_large_allocations() {
     }
 }
 
-/// The threads of a daemon's tokio runtime.
-#[derive(Debug, Clone, Copy)]
-pub struct Threads {
-    /// Worker threads; 0: one per core.
-    pub workers: usize,
-    /// Most threads for blocking work at once; 0: tokio's default (512).
-    pub max_blocking: usize,
-}
-
 /// How long an idle blocking thread stays: tokio's 10 s would keep the
 /// threads of a burst (and the memory their allocator caches hold) well
 /// after it.
@@ -69,11 +60,12 @@ const BLOCKING_THREAD_KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// The whole `main` of a daemon: run `setup` first, on this one thread
 /// (load the config, bind ports, read keys, drop privileges: the
 /// per-thread `no_new_privs` must be set before any other thread exists),
-/// then `body` with its result on a tokio runtime with these `threads`.
-/// An error from either becomes a message on stderr and exit status 1.
+/// then `body` with its result on a tokio runtime with `threads` worker
+/// threads (0: one per core). An error from either becomes a message on
+/// stderr and exit status 1.
 pub fn main<S, F, Fut, E>(
     program: &str,
-    threads: Threads,
+    threads: usize,
     setup: impl FnOnce() -> Result<S, E>,
     body: F,
 ) -> std::process::ExitCode
@@ -97,11 +89,8 @@ where
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.thread_keep_alive(BLOCKING_THREAD_KEEP_ALIVE);
-    if threads.workers > 0 {
-        builder.worker_threads(threads.workers);
-    }
-    if threads.max_blocking > 0 {
-        builder.max_blocking_threads(threads.max_blocking);
+    if threads > 0 {
+        builder.worker_threads(threads);
     }
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,

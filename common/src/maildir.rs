@@ -274,6 +274,31 @@ fn unique_name(hostname: &str) -> String {
     )
 }
 
+/// A folder's `new/` and `cur/` held open, so that many messages move
+/// from one to the other by name, without the kernel walking the
+/// folder's path twice for each.
+pub struct NewToCur {
+    new: File,
+    cur: File,
+}
+
+impl NewToCur {
+    /// Open the two directories of the folder at `folder`.
+    pub fn open(folder: &Path) -> io::Result<NewToCur> {
+        Ok(NewToCur {
+            new: File::open(folder.join("new"))?,
+            cur: File::open(folder.join("cur"))?,
+        })
+    }
+
+    /// Rename `new/<name>` to `cur/<target>`.
+    pub fn rename(&self, name: &str, target: &str) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let (new, cur) = (Some(self.new.as_raw_fd()), Some(self.cur.as_raw_fd()));
+        nix::fcntl::renameat(new, name, cur, target).map_err(io::Error::from)
+    }
+}
+
 /// The size with CRLF line ends (what IMAP's RFC822.SIZE and POP3's LIST
 /// report) that a message file name records in its `,W=` field (ours and
 /// Dovecot's), if it does.

@@ -7,18 +7,21 @@
 
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long requests must stop before the trim: sessions of a burst
 /// close over a while and free their memory after the request that
 /// their closing made, and the idle blocking threads of the burst hand
 /// back what their allocator caches hold only when they exit (2 s idle,
-/// see `daemon::BLOCKING_THREAD_KEEP_ALIVE`), so trimming at once would
-/// miss most of it.
+/// see `common::daemon`), so trimming at once would miss most of it.
 const QUIET: Duration = Duration::from_secs(3);
+/// Longest a trim waits for quiet: sessions that keep closing every
+/// second or two must not put it off for ever.
+const MAX_DELAY: Duration = Duration::from_secs(30);
 
 /// Return the allocator's free pages to the system once requests have
-/// stopped for [`QUIET`], on a thread of its own (it walks every arena;
+/// stopped for [`QUIET`] (or [`MAX_DELAY`] after the first), on a thread
+/// of its own (it walks every arena;
 /// the caller may be a session on the async runtime).
 pub fn release_free_memory() {
     static TRIMMER: OnceLock<Option<Sender<()>>> = OnceLock::new();
@@ -28,10 +31,12 @@ pub fn release_free_memory() {
             .name("malloc-trim".into())
             .spawn(move || {
                 while received.recv().is_ok() {
+                    let latest = Instant::now() + MAX_DELAY;
                     loop {
-                        match received.recv_timeout(QUIET) {
-                            Ok(()) => continue,
-                            Err(RecvTimeoutError::Timeout) => break,
+                        let wait = QUIET.min(latest.saturating_duration_since(Instant::now()));
+                        match received.recv_timeout(wait) {
+                            Ok(()) if Instant::now() < latest => continue,
+                            Ok(()) | Err(RecvTimeoutError::Timeout) => break,
                             Err(RecvTimeoutError::Disconnected) => return,
                         }
                     }

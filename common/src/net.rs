@@ -174,7 +174,7 @@ impl Drop for ConnectionSlot<'_> {
         counts.total = counts.total.saturating_sub(1);
         // After a flood, or the end of a busy hour: half or more of the
         // sessions are gone, and at least a few hundred; or the last of
-        // many. The trim waits for the closing to stop.
+        // several. The trim waits for the closing to stop.
         let gone = counts.high_water - counts.total;
         if gone >= RELEASE_AFTER_CLOSED && counts.total <= counts.high_water / 2
             || counts.total == 0 && gone > 1

@@ -16,13 +16,7 @@ use tokio::net::TcpListener;
 fn main() -> std::process::ExitCode {
     daemon::main(
         "maildird",
-        // Every IMAP command runs in place on a blocking thread: a burst
-        // of ten thousand logins would otherwise start hundreds of
-        // threads for two cores.
-        daemon::Threads {
-            workers: 0,
-            max_blocking: 64,
-        },
+        0,
         || Ok(daemon::prepare("maildird", Role::Maildird, endpoints)?),
         run,
     )

@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use common::flags::{FlagsError, Keywords, MessageFlags, SystemFlag};
-use common::maildir::{self, Filing};
+use common::maildir::{self, Filing, NewToCur};
 use common::safeio::sync_dir;
 use common::uidlist::{self, UidEntry};
 
@@ -348,7 +348,7 @@ impl Folder {
             while on_disk.next_if(|f| f.uid < m.uid).is_some() {}
             files.push(on_disk.next_if(|f| f.uid == m.uid).unwrap_or(m).clone());
         }
-        let mut moved = false;
+        let mut dirs = None;
         for f in arrivals {
             if !(f.in_new && takes_new) {
                 files.push(f.clone());
@@ -357,12 +357,15 @@ impl Folder {
             // RFC 3501 2.3.2: the first session to see it gets \Recent.
             let info = f.file_name.split_once(":2,").map_or("", |(_, i)| i);
             let target = format!("{}:2,{info}", f.base);
-            match std::fs::rename(f.path(&self.path), self.path.join("cur").join(&target)) {
+            let dirs = match &mut dirs {
+                Some(dirs) => dirs,
+                None => dirs.insert(NewToCur::open(&self.path)?),
+            };
+            match dirs.rename(&f.file_name, &target) {
                 Ok(()) => {
                     let (flags, other) = (f.flags.clone(), f.other.clone());
                     files.push(Arc::new(f.renamed(target, false, flags, other)));
                     self.recent.push(f.uid);
-                    moved = true;
                 }
                 // Another session took it first (or it was removed).
                 Err(e) if e.kind() == io::ErrorKind::NotFound => files.push(f.clone()),
@@ -370,7 +373,7 @@ impl Folder {
             }
         }
         self.files = Arc::new(files);
-        if moved {
+        if dirs.is_some() {
             sync_dir(&self.path.join("cur"))?;
         }
         Ok(arrivals.len())

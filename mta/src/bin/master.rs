@@ -6,11 +6,7 @@ use common::safeio::{try_lock_exclusive, write_atomic};
 use mailsrv_mta::supervisor;
 
 fn main() -> std::process::ExitCode {
-    let threads = daemon::Threads {
-        workers: 1,
-        max_blocking: 0,
-    };
-    daemon::main("master", threads, || Ok(daemon::start("master")?), run)
+    daemon::main("master", 1, || Ok(daemon::start("master")?), run)
 }
 
 async fn run(

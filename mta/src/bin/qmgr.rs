@@ -7,11 +7,7 @@ use common::privileges::{drop_privileges, Role};
 use common::safeio::{try_lock_exclusive, LockGuard};
 
 fn main() -> std::process::ExitCode {
-    let threads = daemon::Threads {
-        workers: 0,
-        max_blocking: 0,
-    };
-    daemon::main("qmgr", threads, setup, run)
+    daemon::main("qmgr", 0, setup, run)
 }
 
 /// Take the lock in the (root's) run directory, then drop privileges.

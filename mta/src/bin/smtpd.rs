@@ -15,10 +15,7 @@ use tokio::net::TcpListener;
 fn main() -> std::process::ExitCode {
     daemon::main(
         "smtpd",
-        daemon::Threads {
-            workers: 0,
-            max_blocking: 0,
-        },
+        0,
         || Ok(daemon::prepare("smtpd", Role::Smtpd, endpoints)?),
         run,
     )
