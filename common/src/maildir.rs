@@ -6,7 +6,7 @@
 //! reading the file.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -197,62 +197,115 @@ pub fn link_copy(source: &Path, maildir: &Path, hostname: &str, info: &str) -> i
     }
 }
 
+/// Bytes read from the message, and gathered for the file, at a time.
+const COPY_CHUNK: usize = 64 * 1024;
+
+thread_local! {
+    /// The buffers of [`write_converted`], kept by each (blocking) thread
+    /// so that a delivery neither allocates nor zeroes them again.
+    static COPY_BUFFERS: std::cell::RefCell<(Vec<u8>, Vec<u8>)> =
+        std::cell::RefCell::new((vec![0; COPY_CHUNK], Vec::with_capacity(COPY_CHUNK)));
+}
+
 /// Write headers + CRLF-to-LF converted message, fsync; returns bytes
 /// written and the number of LFs not preceded by CR (so that W= is the
 /// size once each such LF becomes CRLF, as IMAP and POP3 send it).
 fn write_converted(
-    file: File,
+    mut file: File,
     headers: &[u8],
     mut message: impl Read,
     mtime: Option<SystemTime>,
 ) -> io::Result<(u64, u64)> {
-    let mut out = BufWriter::with_capacity(64 * 1024, file);
-    out.write_all(headers)?;
-    let mut size = headers.len() as u64;
-    let mut lines = headers.iter().filter(|&&b| b == b'\n').count() as u64;
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut pending_cr = false;
-    // The last byte written, so W= counts only the LFs that a reader
-    // turns into CRLF (those not already preceded by CR).
-    let mut last = b'\n';
-    let mut converted = Vec::with_capacity(buf.len() + 1);
-    loop {
-        let n = message.read(&mut buf)?;
-        if n == 0 {
-            break;
+    let (size, lines) = COPY_BUFFERS.with_borrow_mut(|(input, out)| {
+        out.clear();
+        out.extend_from_slice(headers);
+        let mut converter = CrlfToLf {
+            lines: headers.iter().filter(|&&b| b == b'\n').count() as u64,
+            ..CrlfToLf::default()
+        };
+        let mut size = 0;
+        loop {
+            let n = message.read(input)?;
+            if n == 0 {
+                break;
+            }
+            converter.convert(&input[..n], out);
+            if out.len() >= COPY_CHUNK {
+                file.write_all(out)?;
+                size += out.len() as u64;
+                out.clear();
+            }
         }
-        converted.clear();
-        for &b in &buf[..n] {
-            if pending_cr {
-                pending_cr = false;
-                if b != b'\n' {
-                    converted.push(b'\r');
-                    last = b'\r';
-                }
-            }
-            if b == b'\r' {
-                pending_cr = true;
-                continue;
-            }
-            if b == b'\n' && last != b'\r' {
-                lines += 1;
-            }
-            converted.push(b);
-            last = b;
-        }
-        out.write_all(&converted)?;
-        size += converted.len() as u64;
-    }
-    if pending_cr {
-        out.write_all(b"\r")?;
-        size += 1;
-    }
-    let file = out.into_inner().map_err(|e| e.into_error())?;
+        converter.finish(out);
+        file.write_all(out)?;
+        size += out.len() as u64;
+        out.clear();
+        io::Result::Ok((size, converter.lines))
+    })?;
     if let Some(mtime) = mtime {
         file.set_modified(mtime)?;
     }
     file.sync_all()?;
     Ok((size, lines))
+}
+
+/// Turns CRLF into LF across chunks, keeping lone CRs, and counts the LFs
+/// written without a CR before them.
+#[derive(Default)]
+struct CrlfToLf {
+    /// The previous chunk ended in CR: written or dropped by the next byte.
+    pending_cr: bool,
+    /// The last byte written was a CR.
+    after_cr: bool,
+    lines: u64,
+}
+
+impl CrlfToLf {
+    fn convert(&mut self, mut input: &[u8], out: &mut Vec<u8>) {
+        let Some(&first) = input.first() else { return };
+        if std::mem::take(&mut self.pending_cr) && first != b'\n' {
+            self.push_lone_cr(out);
+        }
+        loop {
+            match memchr::memchr(b'\r', input) {
+                None => return self.push_run(input, out),
+                Some(at) => {
+                    self.push_run(&input[..at], out);
+                    match input.get(at + 1) {
+                        None => {
+                            self.pending_cr = true;
+                            return;
+                        }
+                        // CRLF: the CR is dropped, the LF starts the next run.
+                        Some(b'\n') => {}
+                        Some(_) => self.push_lone_cr(out),
+                    }
+                    input = &input[at + 1..];
+                }
+            }
+        }
+    }
+
+    /// The message has ended: a CR it ended with stays.
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        if std::mem::take(&mut self.pending_cr) {
+            self.push_lone_cr(out);
+        }
+    }
+
+    fn push_lone_cr(&mut self, out: &mut Vec<u8>) {
+        out.push(b'\r');
+        self.after_cr = true;
+    }
+
+    /// Bytes without CR: each LF counts, but one right after a written CR.
+    fn push_run(&mut self, run: &[u8], out: &mut Vec<u8>) {
+        let Some(&first) = run.first() else { return };
+        let lfs = memchr::memchr_iter(b'\n', run).count() as u64;
+        self.lines += lfs - u64::from(self.after_cr && first == b'\n');
+        self.after_cr = false;
+        out.extend_from_slice(run);
+    }
 }
 
 /// A Maildir unique name: `<secs>.M<usecs>P<pid>Q<n>.<host>` (the
@@ -419,6 +472,50 @@ mod tests {
         assert_eq!(content, b"a\r\nb\n");
         let name = d.path.file_name().unwrap().to_string_lossy().into_owned();
         assert!(name.ends_with(",S=5,W=6"), "{name}");
+    }
+
+    /// The rule, a byte at a time: CRLF becomes LF, a lone CR stays, and
+    /// an LF counts unless the byte written before it is a CR.
+    fn convert_bytewise(input: &[u8]) -> (Vec<u8>, u64) {
+        let (mut out, mut lines) = (Vec::new(), 0);
+        for (i, &b) in input.iter().enumerate() {
+            if b == b'\r' && input.get(i + 1) == Some(&b'\n') {
+                continue;
+            }
+            if b == b'\n' && out.last() != Some(&b'\r') {
+                lines += 1;
+            }
+            out.push(b);
+        }
+        (out, lines)
+    }
+
+    #[test]
+    fn conversion_is_the_same_wherever_chunks_split() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        for len in 0..40 {
+            let input: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    [b'a', b'\r', b'\n'][(seed % 3) as usize]
+                })
+                .collect();
+            let expected = convert_bytewise(&input);
+            for split in 0..=input.len() {
+                let mut converter = CrlfToLf::default();
+                let mut out = Vec::new();
+                converter.convert(&input[..split], &mut out);
+                converter.convert(&input[split..], &mut out);
+                converter.finish(&mut out);
+                assert_eq!(
+                    (out, converter.lines),
+                    expected,
+                    "{input:?} split at {split}"
+                );
+            }
+        }
     }
 
     #[test]

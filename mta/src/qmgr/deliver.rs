@@ -2,7 +2,7 @@
 //! Maildir delivery, remote delivery, per-recipient status, reports.
 
 use std::collections::BTreeSet;
-use std::io::BufReader;
+use std::io::{Seek, SeekFrom};
 use std::sync::Arc;
 
 use common::address::Address;
@@ -34,21 +34,24 @@ pub enum PassResult {
 
 /// Deliver what can be delivered of entry `id` (in `active/`): local
 /// recipients on the blocking pool, then remote ones over SMTP, then the
-/// reports and the entry's new state on the blocking pool again.
+/// reports and the entry's new state on the blocking pool again. A pass
+/// with no remote recipient does it all in one blocking job.
 pub async fn run_pass(ctx: Arc<Context>, id: String) -> PassResult {
     let prepared = {
         let _slot = ctx.local_slots.acquire().await.expect("never closed");
         let ctx = ctx.clone();
-        tokio::task::spawn_blocking(move || prepare(&ctx, &id)).await
+        tokio::task::spawn_blocking(move || match prepare(&ctx, &id) {
+            Ok(pass) if pass.remote.is_empty() => Err(finish(&ctx, pass)),
+            other => other,
+        })
+        .await
     };
     let mut pass = match prepared {
         Ok(Ok(pass)) => pass,
         Ok(Err(result)) => return result,
         Err(_) => return PassResult::Stuck,
     };
-    if !pass.remote.is_empty() {
-        deliver_remote(&ctx, &mut pass).await;
-    }
+    deliver_remote(&ctx, &mut pass).await;
     let _slot = ctx.local_slots.acquire().await.expect("never closed");
     let finishing = ctx.clone();
     tokio::task::spawn_blocking(move || finish(&finishing, pass))
@@ -76,11 +79,14 @@ fn prepare(ctx: &Context, id: &str) -> Result<Pass, PassResult> {
             return Err(move_to_corrupt(spool, id));
         }
     };
-    if let Err(e) = spool.open_data(id) {
-        // Missing, or not a regular file (a link smtpd's user could plant).
-        tracing::error!("{id}: message file unusable ({e}), moved to corrupt");
-        return Err(move_to_corrupt(spool, id));
-    }
+    let data = match open_message(spool, id) {
+        Ok(data) => data,
+        Err(e) => {
+            // Missing, or not a regular file (a link smtpd's user could plant).
+            tracing::error!("{id}: message file unusable ({e}), moved to corrupt");
+            return Err(move_to_corrupt(spool, id));
+        }
+    };
     let (dir, stale) = ctx.directory.current();
     if let Some(e) = stale {
         tracing::error!("keeping previous tables: {e}");
@@ -90,6 +96,8 @@ fn prepare(ctx: &Context, id: &str) -> Result<Pass, PassResult> {
     let mut reports = Vec::new();
     let message = LocalMessage {
         id: &env.id,
+        data: &data.0,
+        size: data.1,
         sender: &env.sender,
         added_headers: &env.added_headers,
         junk: env.junk,
@@ -117,6 +125,16 @@ fn prepare(ctx: &Context, id: &str) -> Result<Pass, PassResult> {
         remote,
         reports,
     })
+}
+
+/// The data file of `id` and its size.
+fn open_message(spool: &Spool, id: &str) -> Result<(std::fs::File, u64), SpoolError> {
+    let file = spool.open_data(id)?;
+    let size = file.metadata().map_err(|source| SpoolError::Io {
+        path: spool.data_path(id),
+        source,
+    })?;
+    Ok((file, size.len()))
 }
 
 /// Send to the remote recipients and record what became of each.
@@ -285,6 +303,10 @@ fn resolve_error(e: &ResolveError) -> String {
 /// What local delivery needs of the envelope.
 struct LocalMessage<'a> {
     id: &'a str,
+    /// The data file, read from its start for each recipient.
+    data: &'a std::fs::File,
+    /// Its size.
+    size: u64,
     sender: &'a str,
     added_headers: &'a str,
     junk: bool,
@@ -347,17 +369,13 @@ fn deliver_local(
     message: &LocalMessage,
     mailbox: &Address,
 ) -> Result<std::path::PathBuf, LocalFailure> {
-    let file = ctx
-        .spool
-        .open_data(message.id)
-        .map_err(std::io::Error::other)?;
     let headers = format!(
         "Return-Path: <{}>\nDelivered-To: {mailbox}\n{}",
         message.sender,
         message.added_headers.replace("\r\n", "\n")
     );
     let mut target = maildir_path(&ctx.mail_root, mailbox).map_err(std::io::Error::other)?;
-    let size = file.metadata()?.len() + headers.len() as u64;
+    let size = message.size + headers.len() as u64;
     quota::check(ctx, dir, mailbox, &target, size)?.map_err(LocalFailure::Full)?;
     if message.junk {
         let junk = target.join(".Junk");
@@ -367,12 +385,9 @@ fn deliver_local(
         }
         target = junk;
     }
-    let delivered = maildir::deliver(
-        &target,
-        &ctx.hostname,
-        headers.as_bytes(),
-        BufReader::with_capacity(64 * 1024, file),
-    )?;
+    let mut file = message.data;
+    file.seek(SeekFrom::Start(0))?;
+    let delivered = maildir::deliver(&target, &ctx.hostname, headers.as_bytes(), file)?;
     Ok(delivered.path)
 }
 

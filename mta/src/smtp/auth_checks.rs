@@ -77,6 +77,22 @@ impl AuthChecks {
         &self.authserv_id
     }
 
+    /// Whether any check is on: with none, a message need not be read
+    /// back ([`AuthChecks::unchecked`]).
+    pub fn any(&self) -> bool {
+        let c = &self.config;
+        c.spf || c.dkim || c.arc || c.dmarc
+    }
+
+    /// The verdict when every check is off: accepted, with a header that
+    /// says nothing was checked, so readers do not trust one from outside.
+    pub fn unchecked(&self) -> Verdict {
+        Verdict::Accept {
+            header: AuthenticationResults::new(&self.authserv_id).to_header(),
+            junk: false,
+        }
+    }
+
     /// Wait for a turn to check a message (bounds the memory of messages
     /// read whole).
     pub async fn slot(&self) -> tokio::sync::SemaphorePermit<'_> {

@@ -1,14 +1,11 @@
-//! Writing an incoming message into the spool, and the group commit that
-//! lets many sessions share one directory fsync.
+//! Writing an incoming message into the spool.
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::Arc;
 
 use common::queue_id::new_queue_id;
-use common::spool::{is_disk_full, Envelope, Spool, SpoolError};
+use common::spool::{is_disk_full, Envelope, QueueState, Spool, SpoolError};
 use memmap2::Mmap;
-use tokio::sync::{mpsc, oneshot};
 
 use super::hops::ReceivedCounter;
 use super::own_results::OwnResultsFilter;
@@ -39,25 +36,14 @@ pub struct MessageWriter {
 impl MessageWriter {
     /// Start a message, with a fresh queue id, that may bring at most
     /// `max_hops` `Received:` fields of its own; its Authentication-Results
-    /// fields naming `authserv_id` are dropped.
-    pub async fn create(
-        spool: &Spool,
-        max_size: u64,
-        max_hops: u32,
-        authserv_id: &str,
-    ) -> Result<MessageWriter, SpoolError> {
-        let id = new_queue_id();
-        let file = {
-            let spool = spool.clone();
-            let id = id.clone();
-            tokio::task::spawn_blocking(move || spool.create_data(&id))
-                .await
-                .expect("create_data does not panic")?
-        };
-        Ok(MessageWriter {
-            id,
+    /// fields naming `authserv_id` are dropped. Its data file is created at
+    /// the first write to disk: a small message is written, fsynced and
+    /// queued in one step.
+    pub fn create(spool: &Spool, max_size: u64, max_hops: u32, authserv_id: &str) -> MessageWriter {
+        MessageWriter {
+            id: new_queue_id(),
             spool: spool.clone(),
-            file: Some(file),
+            file: None,
             buf: Vec::with_capacity(WRITE_BATCH),
             size: 0,
             max_size,
@@ -67,7 +53,7 @@ impl MessageWriter {
             own_results: OwnResultsFilter::new(authserv_id),
             filtered: Vec::new(),
             ended: false,
-        })
+        }
     }
 
     /// The queue id this message will have.
@@ -80,11 +66,13 @@ impl MessageWriter {
         self.size
     }
 
-    /// Write a header of our own (Received:); it does not count against the
-    /// client's size limit (RFC 1870 concerns the client's message).
-    pub async fn write_own_header(&mut self, header: &[u8]) {
+    /// Start the message with a header of our own (Received:); it does not
+    /// count against the client's size limit (RFC 1870 concerns the
+    /// client's message). Buffered: the next write flushes it with the rest.
+    pub fn write_own_header(&mut self, header: &[u8]) {
         self.max_size += header.len() as u64;
-        self.append(header).await;
+        self.size += header.len() as u64;
+        self.buf.extend_from_slice(header);
     }
 
     /// Whether the message has grown past the size limit; from then on
@@ -130,7 +118,7 @@ impl MessageWriter {
         if self.too_big() || self.error.is_some() {
             return None;
         }
-        self.flush(false).await;
+        self.flush().await;
         if self.error.is_some() {
             return None;
         }
@@ -172,38 +160,46 @@ impl MessageWriter {
         }
         self.buf.extend_from_slice(bytes);
         if self.buf.len() >= WRITE_BATCH {
-            self.flush(false).await;
+            self.flush().await;
         }
     }
 
-    /// Write out the buffer (and fsync when `sync`) off the async threads.
-    async fn flush(&mut self, sync: bool) {
-        let Some(mut file) = self.file.take() else {
+    /// Write out the buffer off the async threads, creating the data file
+    /// first if this is the first write.
+    async fn flush(&mut self) {
+        if self.file.is_some() && self.buf.is_empty() {
             return;
-        };
-        let mut buf = std::mem::take(&mut self.buf);
+        }
+        let file = self.file.take();
+        let buf = std::mem::take(&mut self.buf);
+        let spool = self.spool.clone();
+        let id = self.id.clone();
         let (file, buf, result) = tokio::task::spawn_blocking(move || {
-            let mut r = file.write_all(&buf);
-            if r.is_ok() && sync {
-                r = file.sync_all();
-            }
+            let mut buf = buf;
+            let written = write_data(&spool, &id, file, &buf);
             buf.clear();
-            (file, buf, r)
+            match written {
+                Ok(file) => (Some(file), buf, Ok(())),
+                Err(e) => (None, buf, Err(e)),
+            }
         })
         .await
         .expect("file writes do not panic");
-        self.file = Some(file);
+        self.file = file;
         self.buf = buf;
         if let Err(e) = result {
             self.error = Some(e);
         }
     }
 
-    /// Finish: fsync the data and `data/` while the envelope is written and
-    /// fsynced, publish the envelope, make `incoming/` durable (shared
-    /// fsync), and only then report `Queued`.
-    /// Anything short of that removes the data file.
-    pub async fn commit(mut self, envelope: Envelope, syncer: &DirSyncer) -> DataOutcome {
+    /// Finish: write what is left and fsync the data file and `data/`
+    /// while the envelope is written and fsynced under `tmp/`; once both
+    /// are durable, rename the envelope into `incoming/` and make that
+    /// durable; only then report `Queued`. The directory fsyncs are shared
+    /// with the sessions committing at the same time (`safeio::sync_dir`'s
+    /// group commit). Anything short of that removes the data file and the
+    /// envelope.
+    pub async fn commit(mut self, envelope: Envelope) -> DataOutcome {
         self.end_of_message().await;
         if self.too_big() {
             self.discard();
@@ -213,71 +209,68 @@ impl MessageWriter {
             self.discard();
             return DataOutcome::Loop;
         }
-        self.flush(false).await;
         if let Some(e) = self.error.take() {
             return self.write_failed(&e);
         }
-        // The data file's fsync (then its directory's, shared with other
-        // sessions) and the envelope's write and fsync run at once; the
-        // envelope goes into incoming/ only once both are durable.
-        let Some(file) = self.file.take() else {
-            self.discard();
-            return DataOutcome::LocalError;
-        };
+        let file = self.file.take();
+        let buf = std::mem::take(&mut self.buf);
+        let (spool, id) = (self.spool.clone(), self.id.clone());
+        let data_synced = tokio::task::spawn_blocking(move || {
+            let file = write_data(&spool, &id, file, &buf)?;
+            file.sync_all()?;
+            common::safeio::sync_dir(&spool.data_dir())
+        });
         let spool = self.spool.clone();
-        let data_dir = self.spool.data_dir();
-        let (data_synced, staged) = tokio::join!(
-            tokio::task::spawn_blocking(move || {
-                file.sync_all()
-                    .and_then(|()| common::safeio::sync_dir(&data_dir))
-                    .map(|()| file)
-            }),
-            tokio::task::spawn_blocking(move || spool.stage_envelope(&envelope)),
-        );
-        let data_synced = data_synced.expect("fsync does not panic");
-        let staged = staged.expect("envelope writes do not panic");
-        let committed = match (data_synced, staged) {
-            (Ok(file), Ok(staged)) => {
-                self.file = Some(file);
-                let spool = self.spool.clone();
-                tokio::task::spawn_blocking(move || spool.publish(staged))
-                    .await
-                    .expect("renames do not panic")
-            }
+        let staged = tokio::task::spawn_blocking(move || spool.stage_envelope(&envelope));
+        let (data_synced, staged) = tokio::join!(data_synced, staged);
+        let data_synced =
+            data_synced.unwrap_or_else(|_| Err(std::io::Error::other("data file job failed")));
+        let staged = staged.unwrap_or_else(|_| {
+            Err(SpoolError::Io {
+                path: self.spool.data_path(&self.id),
+                source: std::io::Error::other("envelope job failed"),
+            })
+        });
+        let staged = match (data_synced, staged) {
+            (Ok(()), Ok(staged)) => staged,
             (Err(e), staged) => {
                 if let Ok(staged) = staged {
                     self.spool.unstage(staged);
                 }
                 return self.write_failed(&e);
             }
-            (Ok(file), Err(e)) => {
-                self.file = Some(file);
-                Err(e)
-            }
+            (Ok(()), Err(e)) => return self.queue_failed(&e),
         };
-        let synced = match committed {
-            Ok(()) => syncer.sync().await,
-            Err(e) => Err(Arc::new(e)),
-        };
-        match synced {
-            Ok(()) => {
-                self.file = None;
-                DataOutcome::Queued(std::mem::take(&mut self.id))
-            }
-            Err(e) => {
-                tracing::error!("{}: cannot queue message: {e}", self.id);
-                let full = e.is_disk_full();
-                let _ = std::fs::remove_file(
-                    self.spool
-                        .envelope_path(common::spool::QueueState::Incoming, &self.id),
-                );
-                self.discard();
-                if full {
-                    DataOutcome::DiskFull
-                } else {
-                    DataOutcome::LocalError
-                }
-            }
+        let (spool, id) = (self.spool.clone(), self.id.clone());
+        let published = tokio::task::spawn_blocking(move || {
+            spool.publish(staged)?;
+            spool.sync_incoming().inspect_err(|_| {
+                let _ = std::fs::remove_file(spool.envelope_path(QueueState::Incoming, &id));
+            })
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(SpoolError::Io {
+                path: self.spool.dir(QueueState::Incoming),
+                source: std::io::Error::other("publishing job failed"),
+            })
+        });
+        match published {
+            Ok(()) => DataOutcome::Queued(std::mem::take(&mut self.id)),
+            Err(e) => self.queue_failed(&e),
+        }
+    }
+
+    /// The envelope could not be written or published: throw the message
+    /// away and answer 452 4.3.1 for a full disk, else 451.
+    fn queue_failed(self, e: &SpoolError) -> DataOutcome {
+        tracing::error!("{}: cannot queue message: {e}", self.id);
+        let full = e.is_disk_full();
+        self.discard();
+        if full {
+            DataOutcome::DiskFull
+        } else {
+            DataOutcome::LocalError
         }
     }
 
@@ -304,60 +297,24 @@ impl MessageWriter {
 
 impl Drop for MessageWriter {
     fn drop(&mut self) {
-        // A writer dropped mid-message (disconnect, RSET) leaves no file.
-        if !self.id.is_empty() && self.file.is_some() {
+        // A writer dropped mid-message (disconnect, RSET) leaves no file;
+        // one that committed or discarded has no id left.
+        if !self.id.is_empty() {
             self.spool.discard(&self.id);
         }
     }
 }
 
-type SyncResult = Result<(), Arc<SpoolError>>;
-
-/// Group commit of `incoming/`: every session that published an envelope
-/// asks for a sync; one fsync answers all the requests that were waiting
-/// when it started (`data/` was made durable before publishing, through
-/// `safeio::sync_dir`'s own group commit).
-#[derive(Clone)]
-pub struct DirSyncer {
-    requests: mpsc::UnboundedSender<oneshot::Sender<SyncResult>>,
-}
-
-impl DirSyncer {
-    /// Start the sync task for `spool`.
-    pub fn spawn(spool: Spool) -> DirSyncer {
-        let (tx, mut rx) = mpsc::unbounded_channel::<oneshot::Sender<SyncResult>>();
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut waiters = vec![first];
-                while let Ok(more) = rx.try_recv() {
-                    waiters.push(more);
-                }
-                let spool = spool.clone();
-                let result = tokio::task::spawn_blocking(move || spool.sync_incoming())
-                    .await
-                    .expect("fsync does not panic")
-                    .map_err(Arc::new);
-                for w in waiters {
-                    let _ = w.send(result.clone());
-                }
-            }
-        });
-        DirSyncer { requests: tx }
-    }
-
-    /// Wait until everything committed before this call is durable.
-    pub async fn sync(&self) -> SyncResult {
-        let (tx, rx) = oneshot::channel();
-        if self.requests.send(tx).is_err() {
-            return Err(sync_task_gone());
-        }
-        rx.await.unwrap_or_else(|_| Err(sync_task_gone()))
-    }
-}
-
-fn sync_task_gone() -> Arc<SpoolError> {
-    Arc::new(SpoolError::Io {
-        path: "spool".into(),
-        source: std::io::Error::other("directory sync task stopped"),
-    })
+/// Append `bytes` to the data file of `id`, creating it if `file` is None;
+/// the file.
+fn write_data(spool: &Spool, id: &str, file: Option<File>, bytes: &[u8]) -> std::io::Result<File> {
+    let mut file = match file {
+        Some(file) => file,
+        None => spool.create_data(id).map_err(|e| match e {
+            SpoolError::Io { source, .. } => source,
+            other => std::io::Error::other(other),
+        })?,
+    };
+    file.write_all(bytes)?;
+    Ok(file)
 }

@@ -24,7 +24,7 @@ use super::data::{DataDecoder, DataStatus};
 use super::dnsbl::Dnsbl;
 use super::greylist::Greylist;
 use super::rates::RateLimits;
-use super::receive::{DirSyncer, MessageWriter};
+use super::receive::MessageWriter;
 use super::reply::Reply;
 use super::scan::{ScanOutcome, Scanners};
 use super::session::{Action, DataOutcome, Port, Session, SessionLimits};
@@ -88,7 +88,6 @@ pub struct Server {
     settings: RwLock<Arc<Settings>>,
     spool: Spool,
     directory: DirectoryCache,
-    syncer: DirSyncer,
     connections: ConnectionLimiter,
     throttle: LoginThrottle,
     /// Kept across reloads: the triplets seen must outlive a SIGHUP.
@@ -120,7 +119,6 @@ impl Server {
             settings: RwLock::new(Arc::new(Settings::new(config, tls)?)),
             greylist,
             full_mailboxes,
-            syncer: DirSyncer::spawn(spool.clone()),
             spool,
             directory,
             connections: ConnectionLimiter::default(),
@@ -593,25 +591,14 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
         )
     }
 
-    async fn start_message(&mut self) -> Result<MessageWriter, DataOutcome> {
+    fn start_message(&self) -> MessageWriter {
         let smtpd = &self.settings.config.smtpd;
         let (max, hops) = (smtpd.max_message_size, smtpd.max_received_headers);
         let authserv_id = self.settings.checks.authserv_id();
-        match MessageWriter::create(&self.server.spool, max, hops, authserv_id).await {
-            Ok(mut w) => {
-                let header = self.received_header(w.id());
-                w.write_own_header(header.as_bytes()).await;
-                Ok(w)
-            }
-            Err(e) => {
-                tracing::error!("cannot create queue file: {e}");
-                Err(if e.is_disk_full() {
-                    DataOutcome::DiskFull
-                } else {
-                    DataOutcome::LocalError
-                })
-            }
-        }
+        let mut writer = MessageWriter::create(&self.server.spool, max, hops, authserv_id);
+        let header = self.received_header(writer.id());
+        writer.write_own_header(header.as_bytes());
+        writer
     }
 
     async fn finish_message(&mut self, mut writer: MessageWriter) -> Reply {
@@ -619,7 +606,12 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
         let mut envelope = self.envelope(&id, writer.size());
         let from_outside = self.session.from_outside();
         if from_outside {
-            match self.check_sender(&mut writer, &envelope).await {
+            let verdict = if self.settings.checks.any() {
+                self.check_sender(&mut writer, &envelope).await
+            } else {
+                Some(self.settings.checks.unchecked())
+            };
+            match verdict {
                 Some(Verdict::Accept { header, junk }) => {
                     envelope.added_headers = header;
                     envelope.junk = junk;
@@ -657,7 +649,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
         }
         let size = writer.size();
         envelope.size = size;
-        let outcome = writer.commit(envelope.clone(), &self.server.syncer).await;
+        let outcome = writer.commit(envelope.clone()).await;
         match &outcome {
             DataOutcome::Queued(_) => tracing::info!(
                 "{id}: client=[{}], helo={}, {}from=<{}>, size={size}, nrcpt={}",
@@ -717,9 +709,9 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
     /// stream can no longer be trusted.
     async fn receive_data(&mut self) -> std::io::Result<Option<Reply>> {
         let mut pace = DataPace::new(self.settings, self.deadline);
-        // If the queue file cannot be made, the data is still read so the
-        // client gets its answer (452 on a full disk) in step.
-        let mut writer = self.start_message().await;
+        // If the queue file cannot be written, the data is still read so
+        // the client gets its answer (452 on a full disk) in step.
+        let mut writer = self.start_message();
         let mut decoder = DataDecoder::default();
         let mut out = Vec::with_capacity(64 * 1024);
         loop {
@@ -735,9 +727,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
             let (used, status) = decoder.decode(buf, &mut out);
             self.io.consume(used);
             pace.received(used);
-            if let Ok(w) = writer.as_mut() {
-                w.write(&out).await;
-            }
+            writer.write(&out).await;
             match status {
                 DataStatus::NeedMore => continue,
                 DataStatus::Done => break,
@@ -761,10 +751,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
                 }
             }
         }
-        let reply = match writer {
-            Ok(w) => self.finish_message(w).await,
-            Err(outcome) => self.session.finish(outcome),
-        };
+        let reply = self.finish_message(writer).await;
         self.send(&reply).await?;
         Ok(None)
     }
@@ -792,17 +779,7 @@ impl<'a, S: AsyncRead + AsyncWrite + Unpin> SessionIo<'a, S> {
             return Ok(None);
         }
         if self.bdat.is_none() {
-            match self.start_message().await {
-                Ok(w) => self.bdat = Some(w),
-                Err(outcome) => {
-                    if let Err(wait) = copy_exact(&mut self.io, size, pace, None).await? {
-                        return Ok(timed_out(wait));
-                    }
-                    let reply = self.session.finish(outcome);
-                    self.send(&reply).await?;
-                    return Ok(None);
-                }
-            }
+            self.bdat = Some(self.start_message());
         }
         let sink = self.bdat.as_mut();
         if let Err(wait) = copy_exact(&mut self.io, size, pace, sink).await? {
