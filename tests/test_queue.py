@@ -140,3 +140,28 @@ def test_failed_bounce_goes_to_the_postmaster(mailsrv):
     fields = delivery_status_fields(report)
     assert fields.get("action") == "failed" and fields.get("status") == "5.1.1", fields
     mailsrv.wait_spool_empty()
+
+
+def test_a_burst_waits_in_incoming_within_the_active_limit(make_mailsrv):
+    srv = make_mailsrv(users=[ALICE], config={"qmgr.active_limit": 2})
+    qmgr = srv.pid("qmgr")
+    subjects = [f"burst {i}" for i in range(12)]
+    os.kill(qmgr, signal.SIGSTOP)
+    try:
+        for subject in subjects:
+            srv.submit(ALICE, make_message(subject))
+    finally:
+        os.kill(qmgr, signal.SIGCONT)
+    active = srv.spool_view() / "active"
+    most_active = 0
+
+    def all_delivered() -> bool:
+        nonlocal most_active
+        most_active = max(most_active, len(os.listdir(active)))
+        return len(srv.messages(ALICE)) == len(subjects)
+
+    wait_until(all_delivered, 30, "every message of the burst delivered")
+    assert most_active <= 2, f"{most_active} entries active at once"
+    delivered = sorted(header(p.read_bytes(), "Subject") for p in srv.messages(ALICE))
+    assert delivered == sorted(subjects)
+    srv.wait_spool_empty()

@@ -342,6 +342,10 @@ pub struct QmgrConfig {
     /// same time; remote sessions are limited by delivery.max_connections.
     #[serde(default = "default_delivery_concurrency")]
     pub delivery_concurrency: usize,
+    /// Most entries in `active/` at once (Postfix's
+    /// qmgr_message_active_limit): more wait in `incoming/`, on disk.
+    #[serde(default = "default_active_limit")]
+    pub active_limit: usize,
     /// First retry delay for a deferred message, in seconds.
     #[serde(default = "default_min_backoff")]
     pub min_backoff: u64,
@@ -363,6 +367,7 @@ impl Default for QmgrConfig {
     fn default() -> Self {
         Self {
             delivery_concurrency: default_delivery_concurrency(),
+            active_limit: default_active_limit(),
             min_backoff: default_min_backoff(),
             max_backoff: default_max_backoff(),
             max_queue_lifetime: default_max_queue_lifetime(),
@@ -373,6 +378,9 @@ impl Default for QmgrConfig {
 
 fn default_delivery_concurrency() -> usize {
     8
+}
+fn default_active_limit() -> usize {
+    2_000
 }
 fn default_min_backoff() -> u64 {
     300
@@ -797,6 +805,9 @@ impl Config {
         }
         if self.qmgr.max_queue_lifetime == 0 {
             return fail("qmgr.max_queue_lifetime", "must be at least 1");
+        }
+        if self.qmgr.active_limit == 0 {
+            return fail("qmgr.active_limit", "must be at least 1");
         }
         if self.qmgr.delivery_concurrency == 0 {
             return fail("qmgr.delivery_concurrency", "must be at least 1");

@@ -9,17 +9,18 @@ pub mod quota;
 pub mod recovery;
 pub mod remote;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use common::config::Config;
+use common::queue_id::is_queue_id;
 use common::recipients::DirectoryCache;
 use common::spool::{unix_now, QueueState, Spool};
 use futures_util::StreamExt;
-use inotify::{Inotify, WatchMask};
+use inotify::{EventMask, Inotify, WatchMask};
 use tokio::sync::{mpsc, Semaphore};
 
 use deliver::PassResult;
@@ -40,6 +41,11 @@ pub struct Context {
     pub max_recipients: usize,
     /// Seconds after arrival to warn of a delay (0: never).
     pub delay_warning: u64,
+    /// Most entries active at once: a pass waiting for a delivery slot
+    /// still holds its task and envelope, so a burst that arrives faster
+    /// than it is delivered waits in `incoming/`, on disk, instead of in
+    /// qmgr's memory.
+    pub active_limit: usize,
     /// Delivery to other mail servers.
     pub remote: remote::Remote,
     /// Passes in a blocking phase (queue files, Maildirs) at once; a pass
@@ -65,6 +71,7 @@ impl Context {
             max_queue_lifetime: config.qmgr.max_queue_lifetime,
             max_recipients: config.smtpd.max_recipients,
             delay_warning: config.qmgr.delay_warning,
+            active_limit: config.qmgr.active_limit,
             remote: remote::Remote::new(config)?,
             local_slots: Semaphore::new(config.qmgr.delivery_concurrency),
             signers: crate::dkim_sign::Signers::load(&config.paths.dkim_keys),
@@ -88,6 +95,9 @@ struct Scheduler {
     ctx: Arc<Context>,
     /// Entries being delivered now.
     in_flight: HashSet<String>,
+    /// Entries seen in `incoming/` and not yet taken, oldest (smallest
+    /// queue id) first.
+    waiting: BTreeSet<String>,
     /// Deferred entries and when they are due.
     deferred: HashMap<String, u64>,
     /// Entries left in `active/` by a spool failure, and when to try again.
@@ -96,7 +106,8 @@ struct Scheduler {
 }
 
 impl Scheduler {
-    /// Start passes for everything in `incoming/`.
+    /// Note every entry in `incoming/` (at start, and when inotify lost
+    /// events) and start passes for as many as may be active.
     fn take_incoming(&mut self) {
         let ids = match self.ctx.spool.list(QueueState::Incoming) {
             Ok(ids) => ids,
@@ -106,10 +117,26 @@ impl Scheduler {
             }
         };
         for id in ids {
-            // One in flight is taken when its pass ends (`finished`).
-            if !self.in_flight.contains(&id) {
-                self.activate(id);
-            }
+            self.note_incoming(id);
+        }
+        self.take_waiting();
+    }
+
+    /// Entry `id` appeared in `incoming/`. One in flight is taken again
+    /// when its pass ends (`finished`).
+    fn note_incoming(&mut self, id: String) {
+        if is_queue_id(&id) && !self.in_flight.contains(&id) {
+            self.waiting.insert(id);
+        }
+    }
+
+    /// Start passes for the oldest waiting entries, up to the active limit.
+    fn take_waiting(&mut self) {
+        while self.in_flight.len() < self.ctx.active_limit {
+            let Some(id) = self.waiting.pop_first() else {
+                break;
+            };
+            self.activate(id);
         }
     }
 
@@ -121,6 +148,10 @@ impl Scheduler {
         let to = self.ctx.spool.envelope_path(QueueState::Active, &id);
         match std::fs::rename(&from, &to) {
             Ok(()) => self.start(id),
+            // Held, removed or taken again by the admin meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::debug!("{id}: gone from incoming before its pass");
+            }
             Err(e) => tracing::error!("{id}: cannot activate: {e}"),
         }
     }
@@ -186,6 +217,7 @@ impl Scheduler {
             }
             PassResult::Finished | PassResult::Corrupt => {}
         }
+        self.take_waiting();
     }
 
     /// How long until the next deferred entry is due.
@@ -230,6 +262,7 @@ pub async fn run(
     let mut sched = Scheduler {
         ctx: ctx.clone(),
         in_flight: HashSet::new(),
+        waiting: BTreeSet::new(),
         deferred,
         stuck: HashMap::new(),
         done_tx,
@@ -256,7 +289,17 @@ pub async fn run(
                 Some(Ok(event)) if event.wd == maildrop => {
                     tokio::task::block_in_place(|| pickup::pickup_all(&ctx));
                 }
-                Some(Ok(_)) => sched.take_incoming(),
+                // Events were lost: look at both directories whole.
+                Some(Ok(event)) if event.mask.contains(EventMask::Q_OVERFLOW) => {
+                    tokio::task::block_in_place(|| pickup::pickup_all(&ctx));
+                    sched.take_incoming();
+                }
+                Some(Ok(event)) => {
+                    if let Some(name) = event.name.and_then(|n| n.into_string().ok()) {
+                        sched.note_incoming(name);
+                    }
+                    sched.take_waiting();
+                }
                 Some(Err(e)) => anyhow::bail!("inotify: {e}"),
                 None => anyhow::bail!("inotify stream ended"),
             },
